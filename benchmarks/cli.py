@@ -1,0 +1,35 @@
+"""``directpred-bench``: one sub-command per benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Dict, Optional, Sequence
+
+#: Sub-command -> module providing ``add_arguments(parser)`` and ``run(args)``.
+COMMANDS: Dict[str, str] = {
+    "speed": "directpred_plugin.benchmarks.speed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="directpred-bench", description="DirectPred comparison benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        command = sub.add_parser(name, help=doc, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args._run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""Per-training-call cost of the DirectPred head next to the MLP predictors it replaces.
+
+One "call" is what a training step does with a predictor: forward on a ``(batch, dim)``
+input that requires grad, then backward of a scalar loss (for the MLP this includes its
+parameter gradients; for the head it includes the statistics update and the refresh,
+amortised over ``freq``). All configurations are timed in one process, interleaved round
+by round, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from directpred_plugin import DirectPredHead
+
+
+def byol_mlp(dim: int) -> nn.Module:
+    """BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU."""
+    return nn.Sequential(nn.Linear(dim, 4096, bias=False), nn.BatchNorm1d(4096), nn.ReLU(), nn.Linear(4096, dim))
+
+
+def simsiam_mlp(dim: int) -> nn.Module:
+    """SimSiam's bottleneck predictor: dim -> dim/4 -> dim with BatchNorm and ReLU."""
+    hidden = max(dim // 4, 1)
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
+BASELINES: Dict[str, Callable[[int], nn.Module]] = {"byol-mlp": byol_mlp, "simsiam-mlp": simsiam_mlp}
+
+
+def parse_head_spec(spec: str) -> Dict[str, object]:
+    """``"directpred"``, ``"directcopy:freq=5"``, ``"directpred:freq=5,refresh=exact"`` -> head kwargs."""
+    variant, _, options = spec.partition(":")
+    kwargs: Dict[str, object] = {"variant": variant}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = int(value) if value.isdigit() else value
+    return kwargs
+
+
+@dataclass
+class SpeedRow:
+    predictor: str
+    dim: int
+    batch: int
+    device: str
+    ms_per_call: float
+    parameters: int
+    ratio_to_byol_mlp: Optional[float] = None
+    ratio_to_simsiam_mlp: Optional[float] = None
+
+
+def _build(name: str, dim: int, device: torch.device) -> nn.Module:
+    if name in BASELINES:
+        module = BASELINES[name](dim)
+    else:
+        module = DirectPredHead(dim, **parse_head_spec(name))  # type: ignore[arg-type]
+    return module.to(device).train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_block(module: nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for z in inputs:
+        out = module(z)
+        out.square().mean().backward()
+        if module.training and any(True for _ in module.parameters()):
+            module.zero_grad(set_to_none=True)
+    _sync(device)
+    return (time.perf_counter() - start) / len(inputs)
+
+
+def measure(
+    predictors: Sequence[str],
+    dims: Sequence[int],
+    *,
+    batch: int = 256,
+    calls: int = 100,
+    rounds: int = 5,
+    warmup: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> List[SpeedRow]:
+    """Median over ``rounds`` of the mean per-call time of blocks of ``calls // rounds`` calls."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    rows: List[SpeedRow] = []
+    per_block = max(calls // rounds, 1)
+    for dim in dims:
+        modules = {name: _build(name, dim, dev) for name in predictors}
+        gen = torch.Generator(device="cpu").manual_seed(seed + dim)
+        inputs = [
+            torch.randn(batch, dim, generator=gen).to(dev).requires_grad_(True) for _ in range(per_block)
+        ]
+        for module in modules.values():
+            _time_block(module, inputs[:warmup], dev)
+        samples: Dict[str, List[float]] = {name: [] for name in predictors}
+        for _ in range(rounds):
+            for name, module in modules.items():
+                samples[name].append(_time_block(module, inputs, dev))
+        medians = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+        for name in predictors:
+            row = SpeedRow(
+                predictor=name,
+                dim=dim,
+                batch=batch,
+                device=str(dev),
+                ms_per_call=medians[name] * 1e3,
+                parameters=sum(p.numel() for p in modules[name].parameters()),
+            )
+            if "byol-mlp" in medians:
+                row.ratio_to_byol_mlp = medians[name] / medians["byol-mlp"]
+            if "simsiam-mlp" in medians:
+                row.ratio_to_simsiam_mlp = medians[name] / medians["simsiam-mlp"]
+            rows.append(row)
+        if progress:
+            print(format_table([r for r in rows if r.dim == dim]), flush=True)
+    return rows
+
+
+def format_table(rows: Sequence[SpeedRow]) -> str:
+    def ratio(value: Optional[float]) -> str:
+        return "" if value is None else f"{value:.2f}x"
+
+    lines = [
+        "| predictor | dim | batch | device | ms / call | params | vs BYOL MLP | vs SimSiam MLP |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.predictor} | {r.dim} | {r.batch} | {r.device} | {r.ms_per_call:.2f} | {r.parameters:,} "
+            f"| {ratio(r.ratio_to_byol_mlp)} | {ratio(r.ratio_to_simsiam_mlp)} |"
+        )
+    return "\n".join(lines)
+
+
+DEFAULT_PREDICTORS = [
+    "byol-mlp",
+    "simsiam-mlp",
+    "directpred",
+    "directpred:freq=5",
+    "directpred:freq=10",
+    "directcopy",
+    "directcopy:freq=5",
+    "directcopy:freq=10",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
+    parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS,
+                        help="byol-mlp, simsiam-mlp, or head specs like 'directpred:freq=5'")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=100, help="timed calls per configuration")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=None, help="folder for speed.json and speed.md")
+
+
+def run(args: argparse.Namespace) -> List[SpeedRow]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,
+                   rounds=args.rounds, device=args.device)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        (args.out / "speed.md").write_text(format_table(rows) + "\n")
+    return rows

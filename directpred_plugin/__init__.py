@@ -1,0 +1,28 @@
+"""DirectPred: a closed-form predictor head for BYOL/SimSiam-style self-supervised learning.
+
+The core is :class:`DirectPredHead`; ``directpred_plugin.lightly`` and
+``directpred_plugin.solo`` adapt it to lightly and solo-learn.
+"""
+
+from .functional import (
+    VARIANTS,
+    collapse_indicator,
+    directcopy_weight,
+    directpred_weight,
+    eigenspace_alignment,
+)
+from .head import DirectPredHead
+from .refresh import REFRESH_STRATEGIES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DirectPredHead",
+    "VARIANTS",
+    "REFRESH_STRATEGIES",
+    "directpred_weight",
+    "directcopy_weight",
+    "eigenspace_alignment",
+    "collapse_indicator",
+    "__version__",
+]

@@ -1,0 +1,22 @@
+"""The one collective the head needs: summing its batch statistics over ranks."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def world_size(group: Optional[Any] = None) -> int:
+    """Number of ranks in ``group``; 1 when ``torch.distributed`` is unavailable or not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
+    """Sum ``tensor`` in place over the ranks of ``group`` (no-op on a single process)."""
+    if world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor

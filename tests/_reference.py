@@ -1,0 +1,66 @@
+"""A deliberately plain NumPy float64 re-statement of the DirectPred recurrence.
+
+Tests compare :class:`directpred_plugin.DirectPredHead` against this, never against itself.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+
+def directpred_matrix(m: np.ndarray, eps: float) -> np.ndarray:
+    s, u = np.linalg.eigh(m)
+    top = s.max()
+    ratio = np.maximum(s, 0) / top if top > 0 else np.zeros_like(s)
+    p = np.sqrt(ratio) + eps
+    return u @ np.diag(p) @ u.T
+
+
+def directcopy_matrix(m: np.ndarray, eps: float) -> np.ndarray:
+    top = np.linalg.eigvalsh(m).max()
+    scaled = m / top if top > 0 else np.zeros_like(m)
+    return scaled + eps * np.eye(len(m))
+
+
+RULES = {"directpred": directpred_matrix, "directcopy": directcopy_matrix}
+
+
+class ReferenceHead:
+    """Per-update rule: output with current W, EMA of the correlation, refresh every `freq` updates."""
+
+    def __init__(self, dim: int, rho=0.3, eps=0.01, freq=1, variant="directpred", center=False):
+        self.rho, self.eps, self.freq, self.center = rho, eps, freq, center
+        self.rule = RULES[variant]
+        self.F: Optional[np.ndarray] = None
+        self.mu: Optional[np.ndarray] = None
+        self.W = np.eye(dim)
+        self.updates = 0
+
+    def output(self, z: np.ndarray) -> np.ndarray:
+        return z @ self.W.T
+
+    def fold(self, z: np.ndarray) -> None:
+        """Fold a batch (rows of `z`) into the estimate; a batch with NaN/inf is ignored."""
+        z = np.asarray(z, dtype=np.float64)
+        if not np.isfinite(z).all() or len(z) == 0:
+            return
+        c = z.T @ z / len(z)
+        m = z.mean(axis=0)
+        if self.F is None:
+            self.F, self.mu = c, m
+        else:
+            self.F = self.rho * self.F + (1 - self.rho) * c
+            self.mu = self.rho * self.mu + (1 - self.rho) * m
+        self.updates += 1
+        if self.updates % self.freq == 0:
+            target = self.F - np.outer(self.mu, self.mu) if self.center else self.F
+            self.W = self.rule(target, self.eps)
+
+    def run(self, batches: Sequence[np.ndarray]) -> List[np.ndarray]:
+        outputs = []
+        for z in batches:
+            outputs.append(self.output(z))
+            self.fold(z)
+        return outputs
