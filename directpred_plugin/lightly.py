@@ -1,10 +1,42 @@
-"""lightly adapter: DirectPred as a drop-in for lightly's prediction heads."""
+"""lightly adapter: DirectPred as a drop-in for lightly's prediction heads.
+
+- :class:`DirectPredPredictionHead`: the one-line replacement for ``BYOLPredictionHead`` /
+  ``SimSiamPredictionHead`` (needs neither lightly nor Lightning).
+- :func:`replace_prediction_heads`: swap the prediction heads of an existing model in place.
+- ``DirectPredDiagnostics``: a Lightning callback logging the heads' diagnostics.
+
+lightly and Lightning are imported only by the parts that need them; install them with
+``pip install "directpred-plugin[lightly]"``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+import importlib
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
+
+from torch import nn
 
 from .head import DirectPredHead
+
+INSTALL_HINT = 'pip install "directpred-plugin[lightly]"'
+
+#: Names of the classes in ``lightly.models.modules.heads`` that :func:`replace_prediction_heads`
+#: swaps by default. BYOL's and SimSiam's predictors (FastSiam reuses SimSiam's) are the
+#: setting the paper analyses: a square map on the online branch only, regressed onto a
+#: stop-gradient target. NNCLR's predictor has the same place and shape but a contrastive
+#: loss, so swapping it is outside the paper's analysis, yet the same one-line change.
+#: ``SMoGPredictionHead`` is left out: its output only feeds logits against cluster
+#: prototypes (a cross-entropy over group assignments), for which DirectPred's closed form
+#: has no derivation; pass it in ``head_types`` to swap it anyway.
+LIGHTLY_PREDICTION_HEADS: Tuple[str, ...] = (
+    "BYOLPredictionHead",
+    "SimSiamPredictionHead",
+    "NNCLRPredictionHead",
+)
+
+# Import names of the two Lightning flavours a DirectPredDiagnostics must satisfy.
+_LIGHTNING_FLAVOURS: Tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning")
 
 
 class DirectPredPredictionHead(DirectPredHead):
@@ -12,17 +44,23 @@ class DirectPredPredictionHead(DirectPredHead):
 
     A drop-in for lightly's ``BYOLPredictionHead`` and ``SimSiamPredictionHead``: it maps
     ``input_dim`` to ``input_dim`` with ``W_p`` computed from the correlation of its
-    input instead of an MLP trained by gradient. All :class:`DirectPredHead` options are
-    accepted as keywords.
+    input instead of an MLP trained by gradient. It has no parameters for the optimizer
+    (unless ``trainable=True``). All :class:`DirectPredHead` options are accepted as
+    keywords.
+
+    lightly's BYOL and SimSiam call the prediction head once per view. Pass
+    ``calls_per_update=2`` (the number of views) to make one update per training step
+    from both views, as the paper and the authors' code do; the default, 1, updates on
+    every call.
 
     - [0]: Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics
       without contrastive pairs", ICML 2021, https://arxiv.org/abs/2102.06810
 
     Examples:
         >>> # BYOL: replaces BYOLPredictionHead(256, 4096, 256)
-        >>> prediction_head = DirectPredPredictionHead(256)
+        >>> prediction_head = DirectPredPredictionHead(256, calls_per_update=2)
         >>> # SimSiam: replaces SimSiamPredictionHead(2048, 512, 2048)
-        >>> prediction_head = DirectPredPredictionHead(2048, freq=5)
+        >>> prediction_head = DirectPredPredictionHead(2048, calls_per_update=2)
     """
 
     def __init__(self, input_dim: int = 256, output_dim: Optional[int] = None, **options: Any) -> None:
@@ -33,3 +71,224 @@ class DirectPredPredictionHead(DirectPredHead):
                 "the input's own correlation, so it is square. Set output_dim=input_dim or leave it out."
             )
         super().__init__(input_dim, **options)
+
+
+# --------------------------------------------------------------------------- swap helper
+class ReplacedHead(NamedTuple):
+    """One head swapped by :func:`replace_prediction_heads`."""
+
+    name: str
+    """Qualified name of the head in the model (the first one, if it is registered twice)."""
+    old: nn.Module
+    """The head that was removed."""
+    new: DirectPredPredictionHead
+    """The head now in its place."""
+
+
+def lightly_prediction_head_types() -> Tuple[Type[nn.Module], ...]:
+    """lightly's classes named in :data:`LIGHTLY_PREDICTION_HEADS` (imports lightly)."""
+    try:
+        heads = importlib.import_module("lightly.models.modules.heads")
+    except ImportError as err:
+        raise ImportError(
+            "Finding lightly's prediction heads requires the lightly package, which could not be "
+            f"imported ({err}). Install it with: {INSTALL_HINT}"
+        ) from err
+    return tuple(getattr(heads, name) for name in LIGHTLY_PREDICTION_HEADS)
+
+
+def replace_prediction_heads(
+    model: nn.Module,
+    *,
+    head_types: Optional[Sequence[Type[nn.Module]]] = None,
+    **options: Any,
+) -> List[ReplacedHead]:
+    """Replace, in place, every lightly prediction head of ``model`` by a DirectPred head.
+
+    For models whose class you cannot edit. Each head that is an instance of
+    ``head_types`` (default: lightly's ``BYOLPredictionHead``, ``SimSiamPredictionHead``
+    and ``NNCLRPredictionHead``) is swapped for a :class:`DirectPredPredictionHead` whose
+    width is the ``in_features`` of the head's first ``nn.Linear``; the head must map that
+    width onto itself. The new head is put on the old one's device and in its
+    train/eval mode; a head registered under several names is replaced by one shared
+    DirectPred head everywhere.
+
+    Call it before the optimizer is built (for a LightningModule: before
+    ``trainer.fit``), since the removed MLP's parameters must not be optimized.
+
+    Args:
+        model: The model to modify.
+        head_types: Classes to replace, instead of lightly's predictors. Giving them means
+            lightly need not be installed.
+        **options: :class:`DirectPredHead` options for every new head, e.g.
+            ``calls_per_update=2`` for lightly's two-view BYOL/SimSiam.
+
+    Returns:
+        One :class:`ReplacedHead` ``(name, old, new)`` per replaced head, in module order.
+
+    Raises:
+        ImportError: ``head_types`` not given and lightly not installed.
+        ValueError: ``model`` is itself such a head, or a head has no ``nn.Linear`` or
+            does not map its width onto itself.
+
+    Examples:
+        >>> model = BYOL()  # any model built with lightly's BYOLPredictionHead(256, 4096, 256)
+        >>> replaced = replace_prediction_heads(model, calls_per_update=2)
+        >>> [(r.name, r.new.dim) for r in replaced]
+        [('prediction_head', 256)]
+    """
+    types = tuple(head_types) if head_types is not None else lightly_prediction_head_types()
+    if not types or not all(isinstance(t, type) for t in types):
+        raise ValueError(f"head_types must be a non-empty sequence of classes, got {head_types!r}")
+    if isinstance(model, types):
+        raise ValueError(
+            f"model is itself a {type(model).__name__}, so it cannot be replaced in place; "
+            "use DirectPredPredictionHead(input_dim) in its stead."
+        )
+
+    replacements: Dict[int, ReplacedHead] = {}
+    locations: List[Tuple[str, int]] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, types) or isinstance(module, DirectPredHead):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in locations):
+            continue  # inside a head that is being replaced as a whole
+        if id(module) not in replacements:
+            replacements[id(module)] = ReplacedHead(name, module, _direct_pred_like(name, module, options))
+        locations.append((name, id(module)))
+
+    for name, key in locations:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, replacements[key].new)
+    return list(replacements.values())
+
+
+def _direct_pred_like(name: str, head: nn.Module, options: Dict[str, Any]) -> DirectPredPredictionHead:
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot replace {name!r} ({type(head).__name__}): it has no nn.Linear to read its width from")
+    first, last = linears[0], linears[-1]
+    try:
+        new = DirectPredPredictionHead(first.in_features, last.out_features, **options)
+    except ValueError as err:
+        raise ValueError(f"cannot replace {name!r} ({type(head).__name__}): {err}") from err
+    # Statistics keep their dtype; only a trainable W_p follows the old head's dtype.
+    new.to(device=first.weight.device, dtype=first.weight.dtype)
+    return new.train(head.training)
+
+
+# ---------------------------------------------------------------- diagnostics callback
+class _DiagnosticsHooks:
+    """The behaviour of ``DirectPredDiagnostics``; the Lightning base classes are added lazily."""
+
+    def __init__(self, every_n_steps: int = 50, prefix: str = "directpred") -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self._last_logged_step = -1
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise ValueError(
+                "DirectPredDiagnostics logs through the Trainer's logger, but the Trainer has none "
+                "(logger=False). Give it a logger, e.g. Trainer(logger=CSVLogger('logs'))."
+            )
+        if not _direct_pred_heads(pl_module):
+            raise ValueError(
+                f"DirectPredDiagnostics found no DirectPredHead in {type(pl_module).__name__}; use "
+                "DirectPredPredictionHead as the prediction head or call replace_prediction_heads first."
+            )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches share a step (and step 0 lasts until
+        # the first optimizer step): log each step once, and not step 0.
+        if step == 0 or step == self._last_logged_step or step % self.every_n_steps != 0:
+            return
+        self._last_logged_step = step
+        if not trainer.is_global_zero:  # loggers write on rank 0 only; with sync_dist the heads agree
+            return
+        metrics = self.metrics(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def metrics(self, pl_module: nn.Module) -> Dict[str, float]:
+        """``{prefix}/{head name}/{diagnostic}`` for every DirectPredHead of ``pl_module``."""
+        return {
+            f"{self.prefix}/{name}/{key}": value
+            for name, head in _direct_pred_heads(pl_module)
+            for key, value in head.diagnostics().items()
+        }
+
+
+def _direct_pred_heads(module: nn.Module) -> List[Tuple[str, DirectPredHead]]:
+    return [(name or "head", m) for name, m in module.named_modules() if isinstance(m, DirectPredHead)]
+
+
+@functools.lru_cache(maxsize=None)
+def _diagnostics_callback_class() -> type:
+    bases = []
+    for flavour in _LIGHTNING_FLAVOURS:
+        try:
+            bases.append(importlib.import_module(flavour).Callback)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError(
+            "DirectPredDiagnostics is a Lightning callback and needs `lightning` or `pytorch_lightning`, "
+            f"neither of which could be imported. Install them with: {INSTALL_HINT}"
+        )
+    # Subclassing the Callback of every installed flavour lets the same class go to a
+    # `lightning.pytorch.Trainer` or a `pytorch_lightning.Trainer` (each checks isinstance).
+    return type(
+        "DirectPredDiagnostics",
+        (_DiagnosticsHooks, *bases),
+        {"__module__": __name__, "__qualname__": "DirectPredDiagnostics", "__doc__": _DIAGNOSTICS_DOC},
+    )
+
+
+_DIAGNOSTICS_DOC = """Lightning callback logging the diagnostics of every DirectPredHead in the model.
+
+Every ``every_n_steps`` optimizer steps it logs :meth:`DirectPredHead.diagnostics` (spectrum
+summary of ``F_hat`` and ``W_p``, eigenspace alignment, collapse indicator, update and skip
+counters) through all of the Trainer's loggers, as ``{prefix}/{head name}/{diagnostic}`` at
+``step=trainer.global_step``. Under DDP only rank 0 computes and logs (the heads hold the
+same state on every rank). It is accepted by both ``lightning.pytorch.Trainer`` and
+``pytorch_lightning.Trainer``.
+
+Args:
+    every_n_steps: Log when ``trainer.global_step`` is a multiple of this. Each call costs
+        two eigendecompositions per head.
+    prefix: First component of the metric names.
+
+Raises (at ``trainer.fit``):
+    ValueError: the Trainer has no logger, or the model has no DirectPredHead.
+
+Examples:
+    >>> trainer = pl.Trainer(callbacks=[DirectPredDiagnostics(every_n_steps=100)])
+"""
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access so that importing this module needs neither Lightning flavour.
+    if name == "DirectPredDiagnostics":
+        return _diagnostics_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(list(globals()) + ["DirectPredDiagnostics"])
+
+
+__all__ = [
+    "DirectPredPredictionHead",
+    "ReplacedHead",
+    "replace_prediction_heads",
+    "lightly_prediction_head_types",
+    "LIGHTLY_PREDICTION_HEADS",
+    "INSTALL_HINT",
+]
