@@ -226,6 +226,10 @@ def fit(model, *, steps=STEPS, epochs=1, ckpt_path=None, callbacks=(), precision
     return trainer
 
 
+def group_sizes(model):
+    return [(group.get("name"), len(list(group["params"]))) for group in model.learnable_params]
+
+
 def original_class(methods, key):
     import solo.methods
 
@@ -245,8 +249,7 @@ def test_without_the_key_the_model_is_solo_learns_own(methods, method):
     assert list(mine) == list(ref)
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
     assert [name for name, _ in ours.named_modules()] == [name for name, _ in theirs.named_modules()]
-    groups = lambda model: [(g.get("name"), len(list(g["params"]))) for g in model.learnable_params]  # noqa: E731
-    assert groups(ours) == groups(theirs)
+    assert group_sizes(ours) == group_sizes(theirs)
     x = torch.randn(BATCH, 3, 32, 32)
     out_ours, out_theirs = ours.eval()(x), theirs.eval()(x)
     for key in ("p", "q", "z"):
