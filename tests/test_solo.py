@@ -1,0 +1,483 @@
+"""solo-learn adapter (directpred_plugin.solo).
+
+Option checks and the launcher's argument handling run everywhere. Everything else builds
+and trains real solo-learn methods and skips when solo-learn is not importable; the YAML
+and launcher tests also need a solo-learn checkout (SOLO_LEARN_ROOT, or the folder above an
+editable install of the `solo` package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from directpred_plugin import DirectPredHead
+from directpred_plugin.solo import (
+    DIRECTPRED_OPTIONS,
+    METHOD_PREDICTORS,
+    PREDICTORS,
+    build_directpred,
+    directpred_options,
+    register,
+)
+from directpred_plugin.solo.launcher import SCRIPT_ENV, UsageError, main, resolve_script
+
+REPO = Path(__file__).resolve().parents[1]
+INTEGRATION = REPO / "integrations" / "solo_learn"
+SOLO_MISSING = (
+    "solo-learn not installed: install it from source (git clone "
+    "https://github.com/vturrisi/solo-learn), see integrations/solo_learn/README.md"
+)
+STEPS = 2
+BATCH = 4
+
+
+# ---------------------------------------------------------------- without solo-learn
+def test_directpred_options_default_to_the_head_defaults():
+    options = directpred_options({})
+    assert set(options) == set(DIRECTPRED_OPTIONS)
+    head = build_directpred(8, options, calls_per_step=3)
+    reference = DirectPredHead(8)
+    for name in ("rho", "eps", "freq", "variant", "trainable", "center", "sync_dist", "stats_dtype"):
+        assert getattr(head, name) == getattr(reference, name), name
+    assert head.calls_per_update == 3  # one update per training step by default
+    assert build_directpred(8, {"calls_per_update": 1}, calls_per_step=3).calls_per_update == 1
+    assert build_directpred(8, {"stats_dtype": "float64"}, 2).corr.dtype == torch.float64
+    assert directpred_options(options) == options  # solo may check a cfg twice
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rh": 0.3}, r"unknown option\(s\) \['rh'\]; valid options: \['rho'"),
+        ({"rho": 1.5}, r"method_kwargs.directpred: rho must be a float in \[0, 1\)"),
+        ({"freq": 0}, r"method_kwargs.directpred: freq must be an integer >= 1"),
+        ({"variant": "mlp"}, r"variant must be one of \['directcopy', 'directpred'\]"),
+        ({"trainable": "yes"}, r"method_kwargs.directpred.trainable must be true or false"),
+        ({"stats_dtype": "float16"}, r"stats_dtype must be one of \['float32', 'float64'\]"),
+        ({"calls_per_update": 0}, r"calls_per_update must be an integer >= 1"),
+    ],
+)
+def test_bad_directpred_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        directpred_options(options)
+
+
+def test_registries_cover_the_predictor_choices():
+    assert PREDICTORS["mlp"] is None  # solo-learn's own predictor
+    assert set(PREDICTORS) == {"mlp", "directpred"}
+    assert {"byol", "simsiam", "nnbyol", "nnsiam"} <= set(METHOD_PREDICTORS)
+
+
+def test_launcher_takes_the_script_from_the_arguments_or_the_environment(tmp_path):
+    script = tmp_path / "main_pretrain.py"
+    script.write_text("")
+    args = ["--config-path", "cfgs", "--config-name", "byol.yaml"]
+    assert resolve_script([str(script), *args], {}) == (str(script), args)
+    # A DDP worker started by Lightning gets only the script's arguments (+ hydra's).
+    worker_args = [*args, 'hydra.run.dir="."']
+    assert resolve_script(worker_args, {SCRIPT_ENV: str(script)}) == (str(script), worker_args)
+    # An explicit script wins over an inherited variable.
+    assert resolve_script([str(script)], {SCRIPT_ENV: "/elsewhere.py"})[0] == str(script)
+    with pytest.raises(UsageError, match="no such script"):
+        resolve_script([str(tmp_path / "missing.py")], {})
+    with pytest.raises(UsageError, match=r"expected a script \(SCRIPT.py\)"):
+        resolve_script(args, {})
+
+
+def test_launcher_usage(capsys, monkeypatch):
+    monkeypatch.delenv(SCRIPT_ENV, raising=False)
+    assert main(["--help"]) == 0
+    assert "python -m directpred_plugin.solo SCRIPT.py" in capsys.readouterr().out
+    assert main([]) == 2
+    assert "expected a script" in capsys.readouterr().err
+
+
+def test_import_does_not_need_solo_learn():
+    code = "import sys, directpred_plugin.solo, directpred_plugin.solo.launcher; print(sys.modules.get('solo') is not None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_register_without_solo_learn_says_how_to_install(monkeypatch):
+    for name in ("solo", "solo.methods", "solo.methods.base", "solo.utils.auto_resumer"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import solo...` fail
+    with pytest.raises(ImportError, match="solo-learn, installed from source.*--no-build-isolation"):
+        register()
+
+
+def test_integration_configs_select_directpred_with_valid_options():
+    for name in ("byol", "simsiam"):
+        cfg = yaml.safe_load((INTEGRATION / f"{name}.yaml").read_text())
+        assert cfg["method"] in METHOD_PREDICTORS
+        kwargs = cfg["method_kwargs"]
+        assert kwargs["predictor"] == "directpred"
+        assert directpred_options(kwargs["directpred"])["variant"] == "directpred"
+
+
+# ------------------------------------------------------------------- with solo-learn
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny: one thread is faster, and far faster on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def methods():
+    pytest.importorskip("solo.methods", reason=SOLO_MISSING)
+    register()
+    from solo.methods import METHODS
+
+    return METHODS
+
+
+@pytest.fixture(scope="module")
+def solo_root(methods):
+    root = os.environ.get("SOLO_LEARN_ROOT")
+    if root is None:
+        import solo
+
+        root = Path(solo.__file__).resolve().parents[1]  # an editable install's checkout
+    root = Path(root)
+    if not (root / "main_pretrain.py").is_file():
+        pytest.skip("solo-learn checkout not found: set SOLO_LEARN_ROOT to the folder with main_pretrain.py")
+    return root
+
+
+def make_cfg(method, *, optimizer="lars", num_small_crops=0, **method_kwargs):
+    from omegaconf import OmegaConf
+
+    kwargs = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
+    if method in ("nnbyol", "nnsiam", "nnclr", "all4one"):
+        kwargs["queue_size"] = 64
+    if method in ("nnclr", "mocov3", "all4one"):
+        kwargs["temperature"] = 0.2
+    if method == "vicreg":
+        kwargs.update(sim_loss_weight=25.0, var_loss_weight=25.0, cov_loss_weight=1.0)
+    kwargs.update(method_kwargs)
+    optimizer_kwargs = {"lars": {"momentum": 0.9, "eta": 0.02, "clip_lr": True, "exclude_bias_n_norm": True},
+                        "sgd": {"momentum": 0.9}, "adamw": {}}[optimizer]
+    cfg = {
+        "name": "test", "method": method, "backbone": {"name": "resnet18"},
+        "method_kwargs": kwargs,
+        "momentum": {"base_tau": 0.99, "final_tau": 1.0},
+        "data": {"dataset": "custom", "train_path": ".", "val_path": ".", "format": "image_folder",
+                 "num_workers": 0, "num_large_crops": 2, "num_small_crops": num_small_crops, "num_classes": 4},
+        "optimizer": {"name": optimizer, "batch_size": BATCH, "lr": 0.3, "classifier_lr": 0.1,
+                      "weight_decay": 1e-5, "kwargs": optimizer_kwargs},
+        "scheduler": {"name": "warmup_cosine", "warmup_epochs": 0},
+        "checkpoint": {"enabled": False}, "auto_resume": {"enabled": False},
+        "max_epochs": 1, "devices": 1, "accelerator": "cpu", "num_nodes": 1,
+        "performance": {"disable_channel_last": True},  # main_pretrain would convert the model
+    }
+    cfg = OmegaConf.create(cfg)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def dataloaders(cfg):
+    """solo-learn's own crop pipeline over random 32x32 images (as its method tests do)."""
+    from solo.data.pretrain_dataloader import (
+        FullTransformPipeline, NCropAugmentation, build_transform_pipeline, dataset_with_index, prepare_dataloader,
+    )
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+    from torchvision.datasets import FakeData
+
+    def crops(size, n):
+        aug = OmegaConf.create({
+            "crop_size": size, "rrc": {"enabled": True, "crop_min_scale": 0.3, "crop_max_scale": 1.0},
+            "color_jitter": {"prob": 0.0}, "grayscale": {"prob": 0.0}, "gaussian_blur": {"prob": 0.0},
+            "solarization": {"prob": 0.0}, "equalization": {"prob": 0.0}, "horizontal_flip": {"prob": 0.5},
+        })
+        return NCropAugmentation(build_transform_pipeline("custom", aug), n)
+
+    pipelines = [crops(32, cfg.data.num_large_crops)]
+    if cfg.data.num_small_crops:
+        pipelines.append(crops(16, cfg.data.num_small_crops))
+    train = dataset_with_index(FakeData)(size=BATCH * STEPS * 2, image_size=(3, 32, 32), num_classes=4,
+                                         transform=FullTransformPipeline(pipelines))
+    val = FakeData(size=BATCH, image_size=(3, 32, 32), num_classes=4, transform=transforms.ToTensor())
+    return prepare_dataloader(train, batch_size=BATCH, num_workers=0), DataLoader(val, batch_size=BATCH)
+
+
+def fit(model, *, steps=STEPS, epochs=1, ckpt_path=None, callbacks=(), precision="32-true"):
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1,
+        num_sanity_val_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=list(callbacks),
+    )
+    train, val = dataloaders(model.cfg)
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return trainer
+
+
+def group_sizes(model):
+    return [(group.get("name"), len(list(group["params"]))) for group in model.learnable_params]
+
+
+def original_class(methods, key):
+    import solo.methods
+
+    return getattr(solo.methods, methods[key].__name__)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PREDICTORS) + ["vicreg"])
+def test_without_the_key_the_model_is_solo_learns_own(methods, method):
+    cfg_ours, cfg_solo = make_cfg(method), make_cfg(method)
+    torch.manual_seed(0)
+    ours = methods[method](cfg_ours)
+    torch.manual_seed(0)
+    theirs = original_class(methods, method)(cfg_solo)
+    assert type(ours) is not type(theirs) and isinstance(ours, type(theirs))
+    assert cfg_ours == cfg_solo and "predictor" not in cfg_ours.method_kwargs
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert list(mine) == list(ref)
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert [name for name, _ in ours.named_modules()] == [name for name, _ in theirs.named_modules()]
+    assert group_sizes(ours) == group_sizes(theirs)
+    x = torch.randn(BATCH, 3, 32, 32)
+    out_ours, out_theirs = ours.eval()(x), theirs.eval()(x)
+    for key in ("p", "q", "z"):
+        if key in out_theirs:
+            assert torch.equal(out_ours[key], out_theirs[key])
+
+
+def test_choices_are_checked_when_solo_checks_the_cfg(methods):
+    with pytest.raises(ValueError, match=r"method_kwargs.predictor must be one of \['directpred', 'mlp'\], got 'direct'"):
+        methods["byol"](make_cfg("byol", predictor="direct"))
+    with pytest.raises(ValueError, match=r"method 'vicreg' has no predictor.*methods with a predictor: \['all4one', 'byol'"):
+        methods["vicreg"](make_cfg("vicreg", predictor="directpred"))
+    with pytest.raises(ValueError, match=r"method_kwargs.directpred: rho must be"):
+        methods["simsiam"](make_cfg("simsiam", predictor="directpred", directpred={"rho": 2.0}))
+    with pytest.raises(ValueError, match=r"method_kwargs.directpred must be a mapping of options, got 3"):
+        methods["byol"](make_cfg("byol", predictor="directpred", directpred=3))
+    # solo-learn's own check on a built model's cfg accepts the filled-in options again
+    model = methods["byol"](make_cfg("byol", predictor="directpred", directpred={"freq": 3}))
+    assert model.add_and_assert_specific_cfg(model.cfg).method_kwargs.directpred.freq == 3
+    assert model.predictor.freq == 3 and isinstance(model.predictor, DirectPredHead)
+
+
+FIT_CASES = {
+    "byol-multicrop": dict(method="byol", num_small_crops=2),
+    "simsiam-sgd-bf16": dict(method="simsiam", optimizer="sgd", precision="bf16-mixed"),
+    "nnbyol-trainable-adamw": dict(method="nnbyol", optimizer="adamw", directpred={"trainable": True, "freq": 2}),
+    "nnsiam": dict(method="nnsiam"),
+    "nnclr": dict(method="nnclr"),
+    "mocov3": dict(method="mocov3"),
+    "all4one": dict(method="all4one"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(FIT_CASES))
+def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
+    from solo.utils.lars import LARS
+
+    spec = dict(FIT_CASES[case])
+    method, precision = spec.pop("method"), spec.pop("precision", "32-true")
+    cfg = make_cfg(method, predictor="directpred", **spec)
+    model = methods[method](cfg)
+    heads = {attr: getattr(model, attr) for attr in METHOD_PREDICTORS[method]}
+    assert all(isinstance(head, DirectPredHead) for head in heads.values())
+    trainable = cfg.method_kwargs.directpred.trainable
+    before = {attr: head.weight.detach().clone() for attr, head in heads.items()}
+
+    trainer = fit(model, precision=precision)
+
+    optimizer = trainer.optimizers[0]
+    if cfg.optimizer.name == "lars":
+        assert isinstance(optimizer, LARS)
+    assert all(group["params"] for group in optimizer.param_groups)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for attr, head in heads.items():
+        assert getattr(model, attr) is head
+        # one update per training step: every view of a step pooled, validation changes nothing
+        assert int(head.num_updates) == STEPS, attr
+        assert not torch.allclose(head.weight, before[attr]), attr
+        assert torch.isfinite(head.weight).all()
+        assert (id(head.weight) in in_optimizer) == trainable
+        if head.calls_per_update > 1:
+            assert int(head.pending_calls) == 0
+    if method == "byol":
+        assert heads["predictor"].calls_per_update == 2 + cfg.data.num_small_crops
+
+
+@pytest.mark.parametrize(
+    "optimizer, trainable, split_weight_decay",
+    [("lars", False, False), ("lars", True, True), ("sgd", True, False), ("adamw", False, True)],
+)
+def test_param_groups_stay_valid_for_solos_optimizers(methods, optimizer, trainable, split_weight_decay):
+    cfg = make_cfg("simsiam", optimizer=optimizer, predictor="directpred", directpred={"trainable": trainable})
+    cfg.optimizer.exclude_bias_n_norm_wd = split_weight_decay
+    cfg.scheduler.name = "none"  # configure_optimizers then needs no Trainer
+    model = methods["simsiam"](cfg)
+    opt = model.configure_optimizers()
+    names = [group.get("name") for group in opt.param_groups]
+    assert all(group["params"] for group in opt.param_groups)
+    assert ("predictor" in names) == trainable
+    if trainable:
+        (group,) = [g for g in opt.param_groups if g.get("name") == "predictor"]
+        assert group["params"] == [model.predictor.weight]
+        # W_p is a matrix: it keeps its weight decay, and LARS adapts its step
+        assert group["weight_decay"] == cfg.optimizer.weight_decay
+    x = torch.randn(BATCH, 3, 32, 32)
+    out1, out2 = model(x), model(x.flip(-1))
+    loss = -torch.nn.functional.cosine_similarity(out1["p"], out2["z"].detach()).mean()
+    loss.backward()
+    weight = model.predictor.weight.detach().clone()
+    opt.step()
+    assert torch.isfinite(model.predictor.weight).all()
+    assert (not torch.equal(model.predictor.weight, weight)) == trainable
+    opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.timeout(300)
+def test_resume_restores_the_head_and_refuses_another_predictor(methods, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    model = methods["byol"](make_cfg("byol", predictor="directpred"))
+    trainer = fit(model)
+    ckpt = tmp_path / "byol.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {k: v.clone() for k, v in model.predictor.state_dict().items()}
+    assert int(saved["num_updates"]) == STEPS
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, module):
+            self.state = {k: v.clone() for k, v in module.predictor.state_dict().items()}
+            self.counter = module.predictor._updates
+
+    resumed = methods["byol"](make_cfg("byol", predictor="directpred"))
+    snapshot = Snapshot()
+    fit(resumed, epochs=2, ckpt_path=ckpt, callbacks=[snapshot])
+    assert snapshot.state.keys() == saved.keys()
+    assert all(torch.equal(snapshot.state[k], saved[k]) for k in saved)
+    assert snapshot.counter == STEPS
+    assert int(resumed.predictor.num_updates) == 2 * STEPS
+
+    mlp = methods["byol"](make_cfg("byol"))
+    with pytest.raises(RuntimeError, match=r"checkpoint's predictor is a DirectPred head.*builds solo-learn's MLP"):
+        fit(mlp, epochs=2, ckpt_path=ckpt)
+    with pytest.raises(RuntimeError, match=r"checkpoint's predictor is solo-learn's MLP.*builds a DirectPred head"):
+        model.on_load_checkpoint({"state_dict": mlp.state_dict()})
+
+
+def test_auto_resume_never_picks_a_checkpoint_of_another_predictor(methods, tmp_path):
+    from omegaconf import OmegaConf
+    from solo.utils.auto_resumer import AutoResumer
+
+    mlp_cfg = make_cfg("byol")
+    methods["byol"](mlp_cfg)  # fills solo's defaults, as main_pretrain does
+    run = tmp_path / "byol" / "0"
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps(OmegaConf.to_container(mlp_cfg)))
+    (run / "byol-0-ep=0.ckpt").write_bytes(b"")
+    resumer = AutoResumer(checkpoint_dir=tmp_path / "byol", max_hours=1)
+
+    for kwargs, found in [({}, run / "byol-0-ep=0.ckpt"), ({"predictor": "directpred"}, None)]:
+        cfg = make_cfg("byol", **kwargs)
+        methods["byol"](cfg)
+        assert resumer.find_checkpoint(cfg)[0] == found
+
+
+def test_models_pickle_for_ddp_spawn(methods):
+    model = methods["nnsiam"](make_cfg("nnsiam", predictor="directpred"))
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy) is methods["nnsiam"] and isinstance(copy.predictor, DirectPredHead)
+    # a fresh interpreter (as a spawned worker) finds the class without registering
+    code = "import pickle, sys; m = pickle.load(sys.stdin.buffer); print(type(m).__name__, type(m.predictor).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(model), capture_output=True, check=True)
+    assert out.stdout.decode().split() == ["NNSiam", "DirectPredHead"]
+
+
+def _strip_directpred_lines(text):
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)  # our header
+    return "".join(line for line in lines if "# DirectPred" not in line)
+
+
+@pytest.mark.parametrize("name", ["byol", "simsiam"])
+def test_integration_configs_are_solos_plus_the_predictor_lines(solo_root, name):
+    from omegaconf import OmegaConf
+
+    ours = (INTEGRATION / f"{name}.yaml").read_text()
+    shipped = (solo_root / "scripts" / "pretrain" / "cifar" / f"{name}.yaml").read_text()
+    assert _strip_directpred_lines(ours) == shipped
+    ours_cfg, shipped_cfg = OmegaConf.create(ours), OmegaConf.create(shipped)
+    assert ours_cfg.method_kwargs.pop("predictor") == "directpred"
+    ours_cfg.method_kwargs.pop("directpred")
+    assert ours_cfg == shipped_cfg
+
+
+@pytest.mark.parametrize("name, width", [("byol", 256), ("simsiam", 2048)])
+def test_integration_configs_compose_with_solos_config_groups(solo_root, methods, name, width):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from solo.args.pretrain import parse_cfg
+
+    search = f"hydra.searchpath=[file://{solo_root / 'scripts' / 'pretrain' / 'cifar'}]"
+    with initialize_config_dir(config_dir=str(INTEGRATION), version_base="1.2"):
+        cfg = compose(config_name=f"{name}.yaml", overrides=[search, "++wandb.enabled=False"])
+    OmegaConf.set_struct(cfg, False)
+    cfg = parse_cfg(cfg)
+    assert cfg.data.num_large_crops == 2
+    model = methods[cfg.method](cfg)
+    assert isinstance(model.predictor, DirectPredHead) and model.predictor.dim == width
+    assert model.predictor.calls_per_update == 2
+
+
+@pytest.mark.timeout(300)
+def test_launcher_runs_main_pretrain_under_two_process_ddp(solo_root, tmp_path):
+    """solo-learn's unmodified main_pretrain.py, our byol.yaml, Lightning DDP on 2 CPU processes."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for label in ("a", "b"):
+        folder = tmp_path / "train" / label
+        folder.mkdir(parents=True)
+        for i in range(8):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    command = [
+        sys.executable, "-m", "directpred_plugin.solo", str(solo_root / "main_pretrain.py"),
+        "--config-path", str(INTEGRATION), "--config-name", "byol.yaml",
+        f"hydra.searchpath=[file://{solo_root / 'scripts' / 'pretrain' / 'cifar'}]",
+        "data.dataset=custom", f"data.train_path={tmp_path / 'train'}", "data.val_path=null",
+        "data.num_workers=0", "accelerator=cpu", 'devices="2"', "strategy=ddp", "sync_batchnorm=False",
+        "precision=32", "max_epochs=1", f"optimizer.batch_size={BATCH}", f"++limit_train_batches={STEPS}",
+        "method_kwargs.proj_hidden_dim=64", "method_kwargs.pred_hidden_dim=64", "method_kwargs.proj_output_dim=32",
+        "++wandb.enabled=False", "++auto_resume.enabled=False", f"checkpoint.dir={tmp_path / 'ckpt'}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in (SCRIPT_ENV, "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    registered = [line for line in run.stderr.splitlines() if "DirectPred registered with solo-learn" in line]
+    built = [line for line in run.stderr.splitlines() if "byol.predictor = DirectPredHead(dim=32" in line]
+    assert len(registered) == 2 and any("LOCAL_RANK 1" in line for line in registered), run.stderr[-4000:]
+    assert len(built) == 2 and any("LOCAL_RANK 1" in line for line in built)
+
+    (ckpt,) = (tmp_path / "ckpt" / "byol").glob("*/*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any(k.startswith("predictor.0.") for k in state)  # no MLP
+    assert int(state["predictor.num_updates"]) == STEPS  # all-reduced statistics, one update per step
+    assert not torch.equal(state["predictor.weight"], torch.eye(32))
+    args = json.loads(next((tmp_path / "ckpt" / "byol").glob("*/args.json")).read_text())
+    assert args["method_kwargs"]["predictor"] == "directpred"
