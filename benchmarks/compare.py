@@ -186,7 +186,7 @@ class CompareConfig:
     data_dir: str = "data"
     download: bool = False
     workers: Optional[int] = None
-    threads: Optional[int] = None
+    threads: int = 1
     progress: bool = True
 
     def resolve(self, defaults: Any) -> "CompareConfig":
@@ -383,13 +383,21 @@ def summarize(runs: Sequence[Dict[str, Any]], predictors: Sequence[str]) -> List
 
 def compare(cfg: CompareConfig, out: Optional[Path] = None) -> Dict[str, Any]:
     """Train every predictor x seed, evaluate, and write the run folder (when ``out`` is given)."""
+    cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _compare(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(cfg: CompareConfig, out: Optional[Path]) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .data import build_dataset
 
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     data = build_dataset(cfg.dataset, data_dir=Path(cfg.data_dir), download=cfg.download, workers=cfg.workers)
     cfg = cfg.resolve(data.defaults)
@@ -538,7 +546,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (cifar10/stl10)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads; 0 keeps PyTorch's default (default 1: the default model is "
+                             "too small to gain from more, and next to other busy processes OpenMP's spinning "
+                             "threads made 2-thread steps 3-35x slower on a 2-core machine)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/compare-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -419,7 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(e) weight decays to sweep (none: skip the sweep)")
     parser.add_argument("--sweep-ema-rate", type=float, nargs="*", default=DEFAULT_SWEEP_EMA_RATE,
                         help="(e) EMA rates to sweep (none: skip the sweep)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: the matrices are tiny); 0 keeps PyTorch's default")
     parser.add_argument("--out", type=Path, default=None, help="folder (default runs/theory-<time>)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -428,8 +429,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for name in ("dim", "batch", "steps", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> Dict[str, Any]:
     setting = LinearSetting(dim=args.dim, batch=args.batch, steps=args.steps, lr=args.lr,
                             weight_decay=args.weight_decay, ema_rate=args.ema_rate, noise=args.noise,
                             runs=args.runs, seed=args.seed, record_every=max(1, min(50, args.steps // 20)))

@@ -22,7 +22,9 @@ def tiny_run(tmp_path_factory):
     argv = ["compare", "--epochs", "1", "--seeds", "0", "1", "--predictors", "directpred", "none",
             "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--threads", "1",
             "--no-progress", "--out", str(out)]
+    threads = torch.get_num_threads()
     assert cli.main(argv) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
     return out
 
 

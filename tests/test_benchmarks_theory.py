@@ -7,7 +7,7 @@ pytest.importorskip("matplotlib")
 from directpred_plugin.benchmarks import cli, theory
 
 # A reduced configuration of the linear model: fewer steps and runs, a 2 x 2 sweep.
-REDUCED = ["--dim", "8", "--steps", "2000", "--runs", "2", "--threads", "1", "--no-progress"]
+REDUCED = ["--dim", "8", "--steps", "2000", "--runs", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
