@@ -20,8 +20,8 @@ of ``F``. That normalisation is harmless under BYOL's cosine loss, which ignores
 the prediction, but this L2 model is not scale-free: an SGD-trained predictor settles near
 ``1 / (1 + sigma^2)`` on each eigen-direction, and a predictor held at 1 lets ``||W||`` shrink
 (slowly, at a rate set by the EMA). ``directpred-sqrt`` is the same head's ``W_p`` multiplied by
-``sqrt(max s)``, i.e. the paper's unnormalised ``p_j = sqrt(s_j)`` (+ ``eps sqrt(max s)``), which
-keeps the scale the analysis derives. The table reports both as measured.
+``sqrt(max s)``, i.e. the unnormalised ``p_j = sqrt(s_j)`` (+ ``eps sqrt(max s)``), which keeps
+the scale of ``F``. The table reports both as measured.
 
 Outputs in ``--out`` (default ``runs/theory-<time>``): ``theory.json``, ``theory.md`` and
 ``theory.png``. Runs in seconds on a CPU.
@@ -162,7 +162,7 @@ SCENARIOS: Dict[str, Scenario] = {
     "no-stop-gradient": Scenario("b", "SGD W_p, no stop-gradient (target = W)", "gradient", stop_gradient=False,
                                  expected="collapse"),
     "gradient-predictor": Scenario("c", "SGD-trained W_p", "gradient"),
-    "directpred-sqrt": Scenario("c", "DirectPred, p_j = sqrt(s_j) (paper's unnormalised form)", "directpred-sqrt"),
+    "directpred-sqrt": Scenario("c", "DirectPred unnormalised, p_j = sqrt(s_j)", "directpred-sqrt"),
     "directpred": Scenario("c", "DirectPred head as shipped, p_j = sqrt(s_j / max s) + eps", "directpred"),
     "symmetric-predictor": Scenario("d", "SGD-trained symmetric W_p", "gradient-symmetric"),
 }
