@@ -9,6 +9,8 @@ from typing import Dict, Optional, Sequence
 #: Sub-command -> module providing ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS: Dict[str, str] = {
     "speed": "directpred_plugin.benchmarks.speed",
+    "compare": "directpred_plugin.benchmarks.compare",
+    "theory": "directpred_plugin.benchmarks.theory",
 }
 
 

@@ -1,0 +1,85 @@
+"""Backbones for ``directpred-bench compare``: name -> module mapping images to flat features.
+
+:data:`BACKBONES` holds the built-in ones; any ``timm:<model>`` name builds that timm model
+without its classifier (``timm.create_model(<model>, num_classes=0, in_chans=...)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def small_cnn(in_chans: int) -> nn.Module:
+    """Three 3x3 conv-BN-ReLU layers (16, 32, 64 channels, the second with stride 2) and global pooling.
+
+    Sized for 8x8 digits on a laptop CPU: 64-d features, about 23k parameters.
+    """
+    return nn.Sequential(
+        *_conv_bn_relu(in_chans, 16),
+        *_conv_bn_relu(16, 32, stride=2),
+        *_conv_bn_relu(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def resnet18_cifar(in_chans: int) -> nn.Module:
+    """torchvision ResNet-18 with the CIFAR stem (3x3 stride-1 first conv, no max-pool), 512-d features."""
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def resnet18_imagenet_stem(in_chans: int) -> nn.Module:
+    """torchvision ResNet-18 with its standard 7x7 stride-2 stem and max-pool (for 96x96 STL-10)."""
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    if in_chans != 3:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+def timm_backbone(model_name: str, in_chans: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans)
+
+
+BACKBONES: Dict[str, Callable[[int], nn.Module]] = {
+    "small-cnn": small_cnn,
+    "resnet18": resnet18_cifar,
+    "resnet18-imagenet-stem": resnet18_imagenet_stem,
+}
+
+
+@torch.no_grad()
+def feature_dim(backbone: nn.Module, in_chans: int, image_size: int) -> int:
+    was_training = backbone.training
+    backbone.eval()
+    dim = backbone(torch.zeros(2, in_chans, image_size, image_size)).flatten(1).shape[1]
+    backbone.train(was_training)
+    return int(dim)
+
+
+def build_backbone(name: str, in_chans: int, image_size: int) -> Tuple[nn.Module, int]:
+    """``(backbone, feature_dim)`` for a :data:`BACKBONES` name or ``timm:<model>``."""
+    if name.startswith("timm:"):
+        backbone = timm_backbone(name[len("timm:"):], in_chans)
+    elif name in BACKBONES:
+        backbone = BACKBONES[name](in_chans)
+    else:
+        raise ValueError(f"--backbone must be one of {sorted(BACKBONES)} or 'timm:<model name>', got {name!r}")
+    return backbone, feature_dim(backbone, in_chans, image_size)

@@ -1,0 +1,74 @@
+"""PNG plots of ``compare`` results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _predictors(results: Dict[str, Any]) -> List[str]:
+    return [row["predictor"] for row in results["summary"]]
+
+
+def plot_accuracy(results: Dict[str, Any], path: Path) -> None:
+    """kNN and linear-probe top-1 per predictor: mean +- std over seeds, dots = individual seeds."""
+    plt = _pyplot()
+    names = _predictors(results)
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.2 * len(names) + 2.5), 3.8), sharey=True)
+    for ax, key, title in zip(axes, ("knn_top1", "linear_top1"), ("kNN top-1", "linear probe top-1")):
+        for i, name in enumerate(names):
+            values = 100 * np.array([r[key] for r in results["runs"] if r["predictor"] == name])
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            ax.errorbar(i, values.mean(), yerr=std, fmt="o", ms=8, color=f"C{i}", capsize=4, zorder=2)
+            ax.scatter(np.full(len(values), i + 0.18), values, color="k", s=10, zorder=3)
+        base = [100 * b[key] for b in results.get("untrained", [])]
+        if base:
+            ax.axhline(float(np.mean(base)), color="gray", ls="--", lw=1, label="untrained backbone")
+            ax.legend(loc="lower left", fontsize=8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    cfg = results["config"]
+    seeds = len(cfg["seeds"])
+    fig.suptitle(f"BYOL predictors on {cfg['dataset']} ({cfg['backbone']}, {cfg['epochs']} epochs, "
+                 f"{seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(results: Dict[str, Any], path: Path) -> None:
+    """Training loss and collapse indicator per epoch: line = mean over seeds, band = min..max."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, name in enumerate(_predictors(results)):
+        runs = [r for r in results["runs"] if r["predictor"] == name]
+        epochs = runs[0]["history"]["epoch"]
+        for ax, key in zip(axes, ("loss", "collapse")):
+            values = np.array([r["history"][key] for r in runs])
+            ax.plot(epochs, values.mean(0), color=f"C{i}", label=name)
+            ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i}", alpha=0.15, lw=0)
+    axes[0].set_title("training loss (negative cosine)")
+    axes[1].set_title("collapse indicator of online projections")
+    axes[1].axhline(results["collapse_isotropic_max"], color="gray", ls="--", lw=1, label="1/sqrt(d)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

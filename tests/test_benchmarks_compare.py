@@ -1,0 +1,150 @@
+import csv
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lightly")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from directpred_plugin import DirectPredHead
+from directpred_plugin.benchmarks import cli, compare
+from directpred_plugin.benchmarks.data import DigitsData, build_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The CLI on a tiny configuration: 1 epoch, 2 predictors, 2 seeds, small model."""
+    out = tmp_path_factory.mktemp("compare")
+    argv = ["compare", "--epochs", "1", "--seeds", "0", "1", "--predictors", "directpred", "none",
+            "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--threads", "1",
+            "--no-progress", "--out", str(out)]
+    threads = torch.get_num_threads()
+    assert cli.main(argv) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
+    return out
+
+
+def test_cli_writes_all_result_files(tiny_run):
+    for name in ("results.json", "results.csv", "results.md", "accuracy.png", "curves.png"):
+        path = tiny_run / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in ("accuracy.png", "curves.png"):
+        assert (tiny_run / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_results_json_schema(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["schema"] == compare.SCHEMA
+    assert results["config"]["predictors"] == ["directpred", "none"]
+    assert results["config"]["backbone"] == "small-cnn"  # filled in from the dataset defaults
+    assert results["collapse_isotropic_max"] == pytest.approx(16 ** -0.5)
+    assert {"processor", "cpu_count", "torch", "device"} <= set(results["machine"])
+    runs = results["runs"]
+    assert [(r["predictor"], r["seed"]) for r in runs] == [
+        ("directpred", 0), ("none", 0), ("directpred", 1), ("none", 1)]
+    steps = DigitsData().steps_per_epoch(128)
+    for r in runs:
+        assert 0.0 <= r["knn_top1"] <= 1.0 and 0.0 <= r["linear_top1"] <= 1.0
+        assert 0.0 <= r["collapse"] <= 16 ** -0.5 + 1e-6
+        assert r["steps"] == steps and r["ms_per_step"] > 0 and r["peak_memory_mib"] > 0
+        assert r["memory_kind"] == "cpu_process_max_rss"
+        assert r["history"]["epoch"] == [1] and len(r["history"]["loss"]) == 1
+        assert r["predictor_params"] == 0
+    by_name = {r["predictor"]: r for r in runs}
+    assert 0.0 < by_name["directpred"]["alignment"] <= 1.0
+    assert by_name["none"]["alignment"] is None
+    assert by_name["directpred"]["predictor_buffers"] > 16 * 16  # F_hat and W_p
+    assert [u["seed"] for u in results["untrained"]] == [0, 1]
+    summary = {row["predictor"]: row for row in results["summary"]}
+    assert summary["directpred"]["seeds"] == 2
+    knn = [r["knn_top1"] for r in runs if r["predictor"] == "directpred"]
+    assert summary["directpred"]["knn_top1_mean"] == pytest.approx(sum(knn) / 2)
+    assert summary["directpred"]["knn_top1_std"] is not None
+
+
+def test_results_csv_and_markdown(tiny_run):
+    with open(tiny_run / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == compare.CSV_COLUMNS
+    assert [r["predictor"] for r in rows] == ["directpred", "none", "directpred", "none"]
+    assert all(0.0 <= float(r["knn_top1"]) <= 1.0 for r in rows)
+    table = (tiny_run / "results.md").read_text()
+    assert "| predictor | kNN top-1 (%)" in table
+    for name in ("| directpred |", "| none |", "untrained backbone", "Machine:"):
+        assert name in table
+
+
+def test_every_predictor_builds_and_runs_a_step():
+    data = DigitsData()
+    cfg = compare.CompareConfig(proj_dim=8, hidden_dim=16, batch_size=16, epochs=1).resolve(data.defaults)
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = next(data.views(16, gen, torch.device("cpu")))
+    for name, spec in compare.PREDICTORS.items():
+        method = compare.build_method(cfg, data, name, seed=0)
+        loss, z0 = method.training_loss(x0, x1)
+        loss.backward()
+        assert torch.isfinite(loss) and z0.shape == (16, 8), name
+        if isinstance(method.predictor, DirectPredHead):
+            # two calls (one per view) made one update: the paper's per-iteration rule
+            assert method.predictor.calls_per_update == 2 and int(method.predictor.num_updates) == 1
+        assert (spec.matrix is None) == (name in ("mlp", "none")), name
+
+
+def test_same_seed_gives_every_predictor_the_same_start():
+    data = DigitsData()
+    cfg = compare.CompareConfig(proj_dim=8, hidden_dim=16).resolve(data.defaults)
+    a = compare.build_method(cfg, data, "mlp", seed=3)
+    b = compare.build_method(cfg, data, "directpred", seed=3)
+    c = compare.build_method(cfg, data, "directpred", seed=4)
+    for pa, pb in zip(a.backbone.parameters(), b.backbone.parameters()):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(a.projection_head.parameters(), b.projection_head.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(next(b.backbone.parameters()), next(c.backbone.parameters()))
+
+
+def test_digit_views_are_seeded_and_differ():
+    data = DigitsData()
+    views = [next(data.views(32, torch.Generator().manual_seed(s), torch.device("cpu"))) for s in (0, 0, 1)]
+    assert torch.equal(views[0][0], views[1][0]) and torch.equal(views[0][1], views[1][1])
+    assert not torch.equal(views[0][0], views[0][1])
+    assert not torch.equal(views[0][0], views[2][0])
+    assert views[0][0].shape == (32, 1, 8, 8)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="directpred-hybrid"):
+        compare.compare(compare.CompareConfig(predictors=["directpred", "mlpp"]))
+    with pytest.raises(ValueError, match="--dataset must be one of"):
+        build_dataset("mnist")
+    with pytest.raises(ValueError, match="--epochs must be a positive integer"):
+        compare.compare(compare.CompareConfig(epochs=0))
+    with pytest.raises(ValueError, match="--backbone must be one of"):
+        compare.compare(compare.CompareConfig(backbone="resnet19", epochs=1, progress=False))
+
+
+def test_missing_torchvision_data_says_how_to_get_it(tmp_path):
+    pytest.importorskip("torchvision")
+    with pytest.raises(FileNotFoundError, match="--download"):
+        build_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_torchvision_path_with_lightly_transforms(tmp_path, monkeypatch):
+    """The cifar10 pipeline (lightly's BYOLTransform, DataLoader) end to end, on FakeData."""
+    torchvision = pytest.importorskip("torchvision")
+
+    def fake_cifar(root, download=False, transform=None, train=True):
+        return torchvision.datasets.FakeData(size=48 if train else 24, image_size=(3, 32, 32), num_classes=10,
+                                             transform=transform, random_offset=0 if train else 1000)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
+    cfg = compare.CompareConfig(dataset="cifar10", backbone="small-cnn", epochs=1, batch_size=16, proj_dim=8,
+                                hidden_dim=16, predictors=["directcopy"], seeds=[0], workers=0, knn_k=3,
+                                progress=False, data_dir=str(tmp_path))
+    results = compare.compare(cfg)
+    (run,) = results["runs"]
+    assert run["steps"] == 3 and 0.0 <= run["knn_top1"] <= 1.0
