@@ -367,7 +367,9 @@ class DirectPredHead(nn.Module):
     # ---- deferred path: every decision stays on the device (CUDA default)
     def _update_on_device(self, x: Tensor, ranks: int) -> None:
         finite = torch.isfinite(x.square().sum(dim=0)).all()
-        previous = self._collapse_value.to(x.device)
+        previous = self._collapse_value
+        if previous.device != x.device:  # created in place: a host-to-device copy would wait
+            previous = torch.full((), float("nan"), device=x.device)
         self._collapse_value = torch.where(finite, functional.collapse_indicator(x), previous)
         if ranks == 1:
             safe = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))

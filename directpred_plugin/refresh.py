@@ -213,31 +213,43 @@ class IterativeRefresh(nn.Module):
         return error / norm.clamp_min(torch.finfo(scaled.dtype).tiny)
 
     def _top_eigenvalue(self, corr: Tensor, host_checks: bool) -> Tuple[Tensor, Tensor]:
-        """Top Ritz value of a Krylov space and its residual norm; updates the warm start."""
+        """Top Ritz value of a block Krylov space and its residual norm; updates the warm start.
+
+        The block starts from the previous top eigenvector and a fixed random direction:
+        when the order at the top of a near-degenerate spectrum changes between refreshes,
+        the previous top vector is close to an eigenvector of a lower eigenvalue, and its
+        small residual alone would accept that eigenvalue. The random direction keeps a
+        component along the new top eigenvector for the Krylov space to amplify.
+        """
         d = corr.shape[-1]
-        steps = min(self.lanczos_steps, d)
-        start = self.warm.to(corr.dtype) + 0.05 * self.probe.to(corr.dtype)
-        q = start / start.norm().clamp_min(torch.finfo(corr.dtype).tiny)
-        basis = corr.new_zeros(steps, d)
-        images = corr.new_zeros(steps, d)
-        for j in range(steps):
-            basis[j] = q
-            w = corr @ q
-            images[j] = w
-            scale = w.norm()
-            used = basis[: j + 1]
+        tiny = torch.finfo(corr.dtype).tiny
+        # rounding noise: a direction this much smaller than its image is not orthogonal
+        # to the basis any more; a zero row instead only adds a zero Ritz value
+        noise = math.sqrt(torch.finfo(corr.dtype).eps)
+        rows = min(2 * self.lanczos_steps, 2 * math.ceil(d / 2))
+        basis = corr.new_zeros(rows, d)
+        images = corr.new_zeros(rows, d)
+        block = torch.stack([self.warm.to(corr.dtype), self.probe.to(corr.dtype)])
+        scale = block.norm(dim=1)
+        for j in range(0, rows, 2):
+            used = basis[:j]
             for _ in range(2):  # twice is enough (Kahan-Parlett)
-                w = w - used.mT @ (used @ w)
-            norm = w.norm()
-            # A direction that is all rounding noise would corrupt the Rayleigh-Ritz
-            # matrix; a zero row only adds a zero Ritz value.
-            keep = norm > 1e-4 * scale
-            q = torch.where(keep, w / norm.clamp_min(torch.finfo(corr.dtype).tiny), torch.zeros_like(w))
+                block = block - (block @ used.mT) @ used
+            for i in range(2):  # Gram-Schmidt inside the block, with the same guard
+                v = block[i] - (block[i] @ basis[j : j + i].mT) @ basis[j : j + i]
+                norm = v.norm()
+                keep = norm > noise * scale[i]
+                basis[j + i] = torch.where(keep, v / norm.clamp_min(tiny), torch.zeros_like(v))
+            current = basis[j : j + 2]
+            block = current @ corr
+            images[j : j + 2] = block
+            scale = block.norm(dim=1)
+        basis, images = basis[: min(rows, d)], images[: min(rows, d)]
         projected = basis @ images.mT
         projected = (projected + projected.mT) / 2
         y = self._top_vector(projected, host_checks)
         x = basis.mT @ y
-        x = x / x.norm().clamp_min(torch.finfo(corr.dtype).tiny)
+        x = x / x.norm().clamp_min(tiny)
         fx = corr @ x
         theta = x @ fx
         residual = (fx - theta * x).norm()
