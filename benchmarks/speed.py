@@ -5,6 +5,13 @@ input that requires grad, then backward of a scalar loss (for the MLP this inclu
 parameter gradients; for the head it includes the statistics update and the refresh,
 amortised over ``freq``). All configurations are timed in one process, interleaved round
 by round, so the ratios compare like with like.
+
+Head specs name the refresh strategy, e.g. ``directpred:freq=5,refresh=iterative``;
+``floor`` is a head that never refreshes within the run (statistics, output and backward
+only). For every head that is not ``refresh=exact`` the same calls are replayed untimed
+and each refresh's ``W_p`` is compared with the exact rule (float64 eigendecomposition)
+for the same ``F_hat``: the ``max error`` column is the largest relative Frobenius error
+over the run, ``fallbacks`` counts refreshes handed to the exact rule by the self-check.
 """
 
 from __future__ import annotations
@@ -14,12 +21,12 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from directpred_plugin import DirectPredHead
+from directpred_plugin import VARIANTS, DirectPredHead
 
 
 def byol_mlp(dim: int) -> nn.Module:
@@ -33,7 +40,16 @@ def simsiam_mlp(dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
-BASELINES: Dict[str, Callable[[int], nn.Module]] = {"byol-mlp": byol_mlp, "simsiam-mlp": simsiam_mlp}
+def floor_head(dim: int) -> nn.Module:
+    """The head's unavoidable cost: statistics, output and backward, no refresh in the run."""
+    return DirectPredHead(dim, freq=2**62)
+
+
+BASELINES: Dict[str, Callable[[int], nn.Module]] = {
+    "byol-mlp": byol_mlp,
+    "simsiam-mlp": simsiam_mlp,
+    "floor": floor_head,
+}
 
 
 def parse_head_spec(spec: str) -> Dict[str, object]:
@@ -56,6 +72,9 @@ class SpeedRow:
     parameters: int
     ratio_to_byol_mlp: Optional[float] = None
     ratio_to_simsiam_mlp: Optional[float] = None
+    refreshes: Optional[int] = None
+    max_error: Optional[float] = None
+    fallbacks: Optional[int] = None
 
 
 def _build(name: str, dim: int, device: torch.device) -> nn.Module:
@@ -71,16 +90,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _call(module: nn.Module, z: torch.Tensor) -> None:
+    out = module(z)
+    out.square().mean().backward()
+    if module.training and any(True for _ in module.parameters()):
+        module.zero_grad(set_to_none=True)
+
+
 def _time_block(module: nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     for z in inputs:
-        out = module(z)
-        out.square().mean().backward()
-        if module.training and any(True for _ in module.parameters()):
-            module.zero_grad(set_to_none=True)
+        _call(module, z)
     _sync(device)
     return (time.perf_counter() - start) / len(inputs)
+
+
+def exact_weight(corr: torch.Tensor, variant: str, eps: float) -> torch.Tensor:
+    """The reference: the variant's closed form from a float64 eigendecomposition."""
+    return VARIANTS[variant](corr.detach().to(torch.float64), eps)
+
+
+def refresh_errors(spec: str, dim: int, calls: Sequence[torch.Tensor], device: torch.device) -> Tuple[List[float], int]:
+    """Replay ``calls`` on a fresh head; relative error of ``W_p`` after every refresh, and fallbacks."""
+    head = _build(spec, dim, device)
+    errors: List[float] = []
+    for z in calls:
+        before = int(head.num_updates)
+        _call(head, z)
+        updates = int(head.num_updates)
+        if updates != before and updates % head.freq == 0:
+            reference = exact_weight(head.effective_corr(), head.variant, head.eps)
+            error = (head.weight.detach().to(torch.float64) - reference).norm() / reference.norm()
+            errors.append(float(error))
+    return errors, int(head.diagnostics()["refresh_fallbacks"])
 
 
 def measure(
@@ -93,6 +136,7 @@ def measure(
     warmup: int = 3,
     device: str = "cpu",
     seed: int = 0,
+    errors: bool = True,
     progress: bool = True,
 ) -> List[SpeedRow]:
     """Median over ``rounds`` of the mean per-call time of blocks of ``calls // rounds`` calls."""
@@ -126,6 +170,14 @@ def measure(
                 row.ratio_to_byol_mlp = medians[name] / medians["byol-mlp"]
             if "simsiam-mlp" in medians:
                 row.ratio_to_simsiam_mlp = medians[name] / medians["simsiam-mlp"]
+            module = modules[name]
+            if isinstance(module, DirectPredHead) and name not in BASELINES:
+                row.refreshes = int(module.num_updates) // module.freq
+                if errors and module.refresh_strategy != "exact":
+                    # the same calls in the same order as the timed run, so the same F_hat
+                    sequence = inputs[:warmup] + inputs * rounds
+                    found, row.fallbacks = refresh_errors(name, dim, sequence, dev)
+                    row.max_error = max(found) if found else None
             rows.append(row)
         if progress:
             print(format_table([r for r in rows if r.dim == dim]), flush=True)
@@ -136,14 +188,19 @@ def format_table(rows: Sequence[SpeedRow]) -> str:
     def ratio(value: Optional[float]) -> str:
         return "" if value is None else f"{value:.2f}x"
 
+    def optional(value: Optional[object], fmt: str = "{}") -> str:
+        return "" if value is None else fmt.format(value)
+
     lines = [
-        "| predictor | dim | batch | device | ms / call | params | vs BYOL MLP | vs SimSiam MLP |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| predictor | dim | batch | device | ms / call | params | vs BYOL MLP | vs SimSiam MLP "
+        "| refreshes | max error | fallbacks |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.predictor} | {r.dim} | {r.batch} | {r.device} | {r.ms_per_call:.2f} | {r.parameters:,} "
-            f"| {ratio(r.ratio_to_byol_mlp)} | {ratio(r.ratio_to_simsiam_mlp)} |"
+            f"| {ratio(r.ratio_to_byol_mlp)} | {ratio(r.ratio_to_simsiam_mlp)} "
+            f"| {optional(r.refreshes)} | {optional(r.max_error, '{:.1e}')} | {optional(r.fallbacks)} |"
         )
     return "\n".join(lines)
 
@@ -151,32 +208,37 @@ def format_table(rows: Sequence[SpeedRow]) -> str:
 DEFAULT_PREDICTORS = [
     "byol-mlp",
     "simsiam-mlp",
-    "directpred",
-    "directpred:freq=5",
-    "directpred:freq=10",
-    "directcopy",
-    "directcopy:freq=5",
-    "directcopy:freq=10",
+    "floor",
+    "directpred:refresh=exact",
+    "directpred:freq=5,refresh=exact",
+    "directpred:freq=5,refresh=iterative",
+    "directcopy:refresh=exact",
+    "directcopy:refresh=iterative",
+    "directcopy:freq=5,refresh=iterative",
 ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS,
-                        help="byol-mlp, simsiam-mlp, or head specs like 'directpred:freq=5'")
+                        help="byol-mlp, simsiam-mlp, floor, or head specs like 'directpred:freq=5,refresh=iterative'")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--calls", type=int, default=100, help="timed calls per configuration")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-errors", dest="errors", action="store_false",
+                        help="skip the untimed replay that measures each refresh against the exact rule")
     parser.add_argument("--out", type=Path, default=None, help="folder for speed.json and speed.md")
 
 
 def run(args: argparse.Namespace) -> List[SpeedRow]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,
-                   rounds=args.rounds, device=args.device)
+                   rounds=args.rounds, device=args.device, errors=args.errors)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speed.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))

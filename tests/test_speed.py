@@ -1,0 +1,62 @@
+"""Smoke test of ``directpred-bench speed``: a tiny run with exact and iterative refreshes side by side."""
+
+import json
+
+import pytest
+import torch
+
+from directpred_plugin import REFRESH_STRATEGIES
+from directpred_plugin.benchmarks import speed
+from directpred_plugin.benchmarks.cli import main
+from directpred_plugin.refresh import ExactRefresh
+
+
+def test_speed_reports_cost_and_refresh_error_side_by_side(tmp_path):
+    predictors = [
+        "simsiam-mlp",
+        "floor",
+        "directpred:refresh=exact",
+        "directpred:freq=2,refresh=iterative",
+        "directcopy:refresh=iterative",
+    ]
+    argv = ["speed", "--dims", "16", "--batch-size", "8", "--calls", "4", "--rounds", "2", "--threads", "1",
+            "--predictors", *predictors, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {row["predictor"]: row for row in json.loads((tmp_path / "speed.json").read_text())}
+    assert list(rows) == predictors
+    assert all(row["ms_per_call"] > 0 and row["dim"] == 16 for row in rows.values())
+    assert rows["simsiam-mlp"]["ratio_to_simsiam_mlp"] == 1.0
+    # blocks of 4 // 2 = 2 calls: 2 warm-up calls + 2 rounds of 2 = 6 updates
+    assert rows["directpred:refresh=exact"]["refreshes"] == 6
+    assert rows["directpred:refresh=exact"]["max_error"] is None  # the reference itself
+    assert rows["directpred:freq=2,refresh=iterative"]["refreshes"] == 3
+    for name in ["directpred:freq=2,refresh=iterative", "directcopy:refresh=iterative"]:
+        assert 0 <= rows[name]["max_error"] <= 1e-2
+        assert rows[name]["fallbacks"] is not None
+    assert rows["floor"]["refreshes"] is None
+    table = (tmp_path / "speed.md").read_text()
+    assert "| max error |" in table and "directcopy:refresh=iterative" in table
+
+
+class _ScaledExact(ExactRefresh):
+    """A refresh that is 5% off: the replay must report it."""
+
+    def forward(self, corr, variant, eps):
+        return 1.05 * super().forward(corr, variant, eps)
+
+
+def test_refresh_errors_replay_measures_each_refresh(monkeypatch):
+    calls = [torch.randn(8, 16, requires_grad=True) for _ in range(3)]
+    errors, fallbacks = speed.refresh_errors("directpred:refresh=iterative", 16, calls, torch.device("cpu"))
+    assert len(errors) == 3 and max(errors) <= 1e-2 and fallbacks == 0
+    again, _ = speed.refresh_errors("directpred:refresh=iterative", 16, calls, torch.device("cpu"))
+    assert again == errors  # a replay sees the same F_hat sequence as the timed run
+    monkeypatch.setitem(REFRESH_STRATEGIES, "scaled", _ScaledExact)
+    off, _ = speed.refresh_errors("directpred:freq=3,refresh=scaled", 16, calls, torch.device("cpu"))
+    assert off == pytest.approx([0.05], rel=1e-3)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="cuda"):
+        main(["speed", "--dims", "8", "--device", "cuda", "--predictors", "floor"])
