@@ -14,6 +14,8 @@ The model is assembled from lightly's building blocks exactly as lightly's
 ``examples/pytorch/byol.py`` does, with the prediction head swapped per run; training is
 a plain PyTorch loop like that example's (a Lightning ``Trainer`` adds per-step overhead
 that dominates ~10 ms CPU steps, and nothing here needs its callbacks or loggers).
+``--framework solo`` builds solo-learn's BYOL instead, the predictor chosen by its config
+key ``method_kwargs.predictor`` (see ``solo_byol.py``), and trains it in the same loop.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class PredictorSpec:
     summary: str
     #: The predictor's ``W_p`` when it is one matrix (for the eigenspace alignment), else None.
     matrix: Optional[Callable[[nn.Module], Tensor]] = None
+    #: The ``method_kwargs`` that select this predictor in a solo-learn config (read by
+    #: ``directpred_plugin.solo``); None when solo-learn's config cannot express it.
+    solo_kwargs: Optional[Dict[str, Any]] = None
 
 
 def _mlp(dim: int, hidden: int) -> nn.Module:
@@ -63,7 +68,11 @@ def _linear(dim: int, hidden: int) -> nn.Module:
     return nn.Linear(dim, dim, bias=False)
 
 
-def _directpred(**options: Any) -> Callable[[int, int], nn.Module]:
+def _weight(module: nn.Module) -> Tensor:
+    return module.weight
+
+
+def _directpred(summary: str, **options: Any) -> PredictorSpec:
     def build(dim: int, hidden: int) -> nn.Module:
         from directpred_plugin.lightly import DirectPredPredictionHead
 
@@ -71,21 +80,17 @@ def _directpred(**options: Any) -> Callable[[int, int], nn.Module]:
         # views into one update per iteration, the paper's rule, with freq counting iterations.
         return DirectPredPredictionHead(dim, calls_per_update=2, **options)
 
-    return build
-
-
-def _weight(module: nn.Module) -> Tensor:
-    return module.weight
+    # solo-learn: the plugin pools the views of a training step the same way by default.
+    return PredictorSpec(build, summary, _weight, {"predictor": "directpred", "directpred": dict(options)})
 
 
 PREDICTORS: Dict[str, PredictorSpec] = {
-    "mlp": PredictorSpec(_mlp, "BYOL MLP d-h-d with BatchNorm+ReLU, trained by SGD"),
+    "mlp": PredictorSpec(_mlp, "BYOL MLP d-h-d with BatchNorm+ReLU, trained by SGD",
+                         solo_kwargs={"predictor": "mlp"}),  # solo-learn's own MLP
     "linear": PredictorSpec(_linear, "linear d x d (no bias), trained by SGD", _weight),
-    "directpred": PredictorSpec(_directpred(), "DirectPred, freq 1 (closed form)", _weight),
-    "directpred-hybrid": PredictorSpec(
-        _directpred(freq=5, trainable=True), "DirectPred every 5 iterations, SGD-trained in between", _weight
-    ),
-    "directcopy": PredictorSpec(_directpred(variant="directcopy"), "DirectCopy, freq 1 (closed form)", _weight),
+    "directpred": _directpred("DirectPred, freq 1 (closed form)"),
+    "directpred-hybrid": _directpred("DirectPred every 5 iterations, SGD-trained in between", freq=5, trainable=True),
+    "directcopy": _directpred("DirectCopy, freq 1 (closed form)", variant="directcopy"),
     "none": PredictorSpec(lambda dim, hidden: nn.Identity(), "no predictor (identity)"),
 }
 
@@ -93,10 +98,12 @@ PREDICTORS: Dict[str, PredictorSpec] = {
 # ----------------------------------------------------------------------- frameworks
 @dataclass
 class MethodConfig:
-    """What a framework needs to build one BYOL model."""
+    """What a framework needs to build one BYOL model (it builds the backbone itself)."""
 
-    backbone: nn.Module
-    feature_dim: int
+    backbone: str  # a --backbone name
+    in_chans: int
+    image_size: int
+    num_classes: int
     proj_dim: int
     hidden_dim: int
     predictor: str
@@ -117,8 +124,10 @@ class LightlyBYOL(nn.Module):
         from lightly.models.modules.heads import BYOLProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
-        self.backbone = cfg.backbone
-        self.projection_head = BYOLProjectionHead(cfg.feature_dim, cfg.hidden_dim, cfg.proj_dim)
+        from .backbones import build_backbone
+
+        self.backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
+        self.projection_head = BYOLProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
         self.prediction_head = PREDICTORS[cfg.predictor].build(cfg.proj_dim, cfg.hidden_dim)
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
@@ -158,9 +167,47 @@ class LightlyBYOL(nn.Module):
         update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
 
 
-#: Framework name -> builder(MethodConfig) -> model with the LightlyBYOL interface.
-FRAMEWORKS: Dict[str, Callable[[MethodConfig], nn.Module]] = {
-    "lightly": LightlyBYOL,
+def _solo_byol(cfg: MethodConfig) -> nn.Module:
+    from .solo_byol import SoloBYOL
+
+    return SoloBYOL(cfg)
+
+
+def _require_solo() -> None:
+    from .solo_byol import require_solo
+
+    require_solo()
+
+
+@dataclass(frozen=True)
+class Framework:
+    """One ``--framework`` choice: how it builds the BYOL model and what it can express."""
+
+    build: Callable[[MethodConfig], nn.Module]
+    #: The :data:`PREDICTORS` it can build.
+    predictors: Tuple[str, ...]
+    #: The ``--backbone`` names it can build, the first being its default where the dataset's
+    #: default is not among them; None: every name ``backbones.build_backbone`` knows.
+    backbones: Optional[Tuple[str, ...]] = None
+    #: Raises ImportError, naming how to install the framework, when it is missing.
+    require: Callable[[], None] = lambda: None
+
+    def default_backbone(self, dataset_default: str) -> str:
+        if self.backbones is None or dataset_default in self.backbones:
+            return dataset_default
+        return self.backbones[0]
+
+
+#: Framework name -> how it builds a model with the LightlyBYOL interface.
+FRAMEWORKS: Dict[str, Framework] = {
+    "lightly": Framework(LightlyBYOL, tuple(PREDICTORS)),
+    # solo-learn's own BYOL, the predictor chosen through its YAML key (benchmarks/solo_byol.py).
+    "solo": Framework(
+        _solo_byol,
+        tuple(name for name, spec in PREDICTORS.items() if spec.solo_kwargs is not None),
+        backbones=("resnet18", "resnet18-imagenet-stem"),
+        require=_require_solo,
+    ),
 }
 
 
@@ -168,7 +215,7 @@ FRAMEWORKS: Dict[str, Callable[[MethodConfig], nn.Module]] = {
 @dataclass
 class CompareConfig:
     dataset: str = "digits"
-    predictors: List[str] = field(default_factory=lambda: list(PREDICTORS))
+    predictors: Optional[List[str]] = None  # None: every predictor the framework builds
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     framework: str = "lightly"
     backbone: Optional[str] = None
@@ -192,17 +239,34 @@ class CompareConfig:
     def resolve(self, defaults: Any) -> "CompareConfig":
         """Fill the options left as None from the dataset's defaults."""
         cfg = copy.copy(self)
-        for name in ("backbone", "epochs", "batch_size", "proj_dim", "hidden_dim"):
+        for name in ("epochs", "batch_size", "proj_dim", "hidden_dim"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(defaults, name))
+        framework = FRAMEWORKS[cfg.framework]
+        if cfg.predictors is None:
+            cfg.predictors = list(framework.predictors)
+        if cfg.backbone is None:
+            cfg.backbone = framework.default_backbone(defaults.backbone)
         return cfg
 
     def validate(self) -> None:
-        unknown = [p for p in self.predictors if p not in PREDICTORS]
+        unknown = [p for p in self.predictors or () if p not in PREDICTORS]
         if unknown:
             raise ValueError(f"unknown predictor(s) {unknown}; expected some of {list(PREDICTORS)}")
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"--framework must be one of {sorted(FRAMEWORKS)}, got {self.framework!r}")
+        framework = FRAMEWORKS[self.framework]
+        inexpressible = [p for p in self.predictors or () if p not in framework.predictors]
+        if inexpressible:
+            raise ValueError(
+                f"--framework {self.framework} cannot build predictor(s) {inexpressible}; "
+                f"it supports {list(framework.predictors)}"
+            )
+        if self.backbone is not None and framework.backbones is not None and self.backbone not in framework.backbones:
+            raise ValueError(
+                f"--framework {self.framework} builds --backbone {' or '.join(framework.backbones)}, "
+                f"got {self.backbone!r}"
+            )
         if not self.seeds:
             raise ValueError("--seeds needs at least one integer seed")
         for name in ("epochs", "batch_size", "proj_dim", "hidden_dim", "knn_k"):
@@ -212,6 +276,7 @@ class CompareConfig:
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
+        framework.require()
 
 
 # ------------------------------------------------------------------------- running
@@ -260,13 +325,12 @@ def _count(tensors) -> int:
 
 
 def build_method(cfg: CompareConfig, data: Any, predictor: str, seed: int) -> nn.Module:
-    from .backbones import build_backbone
-
-    # Same seed -> same backbone and projector initialisation for every predictor.
+    # Same seed -> same backbone and projector initialisation for every predictor (both
+    # frameworks build the predictor last).
     torch.manual_seed(seed)
-    backbone, feat_dim = build_backbone(cfg.backbone, data.channels, data.image_size)
-    method_cfg = MethodConfig(backbone, feat_dim, cfg.proj_dim, cfg.hidden_dim, predictor)
-    return FRAMEWORKS[cfg.framework](method_cfg)
+    method_cfg = MethodConfig(cfg.backbone, data.channels, data.image_size, data.num_classes, cfg.proj_dim,
+                              cfg.hidden_dim, predictor)
+    return FRAMEWORKS[cfg.framework].build(method_cfg)
 
 
 def evaluate(method: nn.Module, data: Any, cfg: CompareConfig, device: torch.device,
@@ -360,7 +424,7 @@ def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: 
 
 def untrained_baseline(cfg: CompareConfig, data: Any, seed: int, device: torch.device) -> Dict[str, Any]:
     """The probes on the randomly initialised backbone every run of this seed starts from."""
-    method = build_method(cfg, data, "none", seed).to(device)
+    method = build_method(cfg, data, cfg.predictors[0], seed).to(device)
     metrics = evaluate(method, data, cfg, device, None)
     return {"seed": seed, "knn_top1": metrics["knn_top1"], "linear_top1": metrics["linear_top1"]}
 
@@ -527,13 +591,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="where torchvision datasets live (cifar10/stl10)")
     parser.add_argument("--download", action="store_true", help="download cifar10/stl10 if missing")
     parser.add_argument("--framework", default="lightly", choices=sorted(FRAMEWORKS),
-                        help="which SSL framework builds the BYOL model")
-    parser.add_argument("--predictors", nargs="+", default=list(PREDICTORS), metavar="NAME",
-                        help=f"any of {', '.join(PREDICTORS)} (default: all)")
+                        help="which SSL framework builds the BYOL model (solo: solo-learn's BYOL, installed "
+                             "from source, see integrations/solo_learn/README.md)")
+    parser.add_argument("--predictors", nargs="+", default=None, metavar="NAME",
+                        help=f"any of {', '.join(PREDICTORS)} (default: all that --framework builds; "
+                             f"solo: {', '.join(FRAMEWORKS['solo'].predictors)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--backbone", default=None,
                         help="small-cnn, resnet18 (CIFAR stem), resnet18-imagenet-stem or timm:<model> "
-                             "(default per dataset: small-cnn / resnet18 / resnet18-imagenet-stem)")
+                             "(default per dataset: small-cnn / resnet18 / resnet18-imagenet-stem); "
+                             "--framework solo: resnet18 (default) or resnet18-imagenet-stem, solo-learn's own")
     parser.add_argument("--epochs", type=int, default=None, help="default per dataset: 60 / 200 / 100")
     parser.add_argument("--batch-size", type=int, default=None, help="default per dataset: 128 / 256 / 256")
     parser.add_argument("--proj-dim", type=int, default=None, help="projection width d (default 64 / 256 / 256)")
@@ -556,7 +623,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     return CompareConfig(
-        dataset=args.dataset, predictors=list(args.predictors), seeds=list(args.seeds), framework=args.framework,
+        dataset=args.dataset, predictors=args.predictors and list(args.predictors), seeds=list(args.seeds),
+        framework=args.framework,
         backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, proj_dim=args.proj_dim,
         hidden_dim=args.hidden_dim, lr=args.lr, weight_decay=args.weight_decay, ema_start=args.ema_start,
         knn_k=args.knn_k, device=args.device, data_dir=args.data_dir, download=args.download,
