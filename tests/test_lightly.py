@@ -349,7 +349,7 @@ def test_recipe_smoke_on_digits(tmp_path, monkeypatch, name):
 
 def test_recipe_data_falls_back_to_digits_offline(tmp_path, monkeypatch):
     _load_recipe("byol", monkeypatch)
-    data = importlib.import_module("_data")
+    data = importlib.import_module("_recipe")
     with pytest.warns(RuntimeWarning, match="digits"):
         dataset = data.load_dataset("cifar10", str(tmp_path), False, lambda name: name)
     assert isinstance(dataset, data.Digits) and len(dataset) == 1797

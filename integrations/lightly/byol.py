@@ -11,9 +11,7 @@ folder's README. Runs offline on scikit-learn's digits by default, or on CIFAR-1
 Requires: pip install "directpred-plugin[lightly]" scikit-learn
 """
 
-import argparse
 import copy
-import os
 
 import pytorch_lightning as pl
 import torch
@@ -30,9 +28,9 @@ from lightly.transforms.byol_transform import (
 )
 from lightly.utils.scheduler import cosine_schedule
 
-from directpred_plugin.lightly import DirectPredDiagnostics, DirectPredPredictionHead
+from directpred_plugin.lightly import DirectPredPredictionHead
 
-from _data import DATASETS, augmentation_options, load_dataset
+from _recipe import augmentation_options, fit
 
 
 class BYOL(pl.LightningModule):
@@ -90,47 +88,8 @@ def make_transform(dataset):
     )
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default="digits")
-    parser.add_argument("--data-dir", default="datasets/cifar10", help="where CIFAR-10 is (or is downloaded to)")
-    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                        help="download CIFAR-10 if it is not in --data-dir")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: run all epochs)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="1")
-    parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--log-every", type=int, default=50, help="log DirectPred diagnostics every N steps")
-    parser.add_argument("--output-dir", default=".", help="Lightning logs and checkpoints go here")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    model = BYOL()
-    dataset = load_dataset(args.dataset, args.data_dir, args.download, make_transform)
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.num_workers,
-    )
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        max_steps=args.max_steps,
-        devices=int(args.devices) if args.devices.isdigit() else args.devices,
-        accelerator=args.accelerator,
-        strategy=args.strategy,
-        default_root_dir=args.output_dir,
-        log_every_n_steps=args.log_every,
-        callbacks=[DirectPredDiagnostics(every_n_steps=args.log_every)],
-    )
-    trainer.fit(model=model, train_dataloaders=dataloader)
-    return trainer, model
+    return fit(BYOL(), make_transform, __doc__, argv)
 
 
 if __name__ == "__main__":
