@@ -211,15 +211,17 @@ DEFAULT_PREDICTORS = [
     "floor",
     "directpred:refresh=exact",
     "directpred:freq=5,refresh=exact",
+    "directpred:freq=10,refresh=exact",
     "directpred:freq=5,refresh=iterative",
     "directcopy:refresh=exact",
     "directcopy:refresh=iterative",
     "directcopy:freq=5,refresh=iterative",
+    "directcopy:freq=10,refresh=iterative",
 ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
     parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS,
                         help="byol-mlp, simsiam-mlp, floor, or head specs like 'directpred:freq=5,refresh=iterative'")
     parser.add_argument("--batch-size", type=int, default=256)
