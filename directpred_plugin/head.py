@@ -310,19 +310,9 @@ class DirectPredHead(nn.Module):
 
     def _reduced_batch_stats(self, x: Tensor):
         """Sum of outer products, sum of rows, row count and a bad-batch flag, over all ranks."""
-        outer = functional.batch_outer_sum(x)
-        total = x.sum(dim=0)
         finite = torch.isfinite(x.square().sum(dim=0)).all()
-        # One collective per call: [outer | total | count | bad]. A rank with a bad batch
-        # contributes zeros and a flag, so every rank skips the same (global) batch.
-        packed = torch.cat([outer.flatten(), total, x.new_tensor([x.shape[0], 0.0])])
-        packed = torch.where(finite, packed, torch.zeros_like(packed))
-        packed[-1] = (~finite).to(packed.dtype)
-        all_reduce_sum_(packed, self.process_group)
-        d = self.dim
-        outer = packed[: d * d].view(d, d)
-        total = packed[d * d : d * d + d]
-        count, bad = packed[-2:].tolist()
+        outer, total, count, bad = self._reduced_batch_stats_on_device(x, finite)
+        count, bad = torch.stack([count, bad.to(count.dtype)]).tolist()
         return outer, total, count, bad > 0
 
     def _fold_on_host(self, x: Optional[Tensor], outer: Optional[Tensor], total: Optional[Tensor], count: float) -> None:
@@ -404,6 +394,8 @@ class DirectPredHead(nn.Module):
         """Like :meth:`_reduced_batch_stats`, leaving the count and the flag on the device."""
         outer = functional.batch_outer_sum(x)
         total = x.sum(dim=0)
+        # One collective per call: [outer | total | count | bad]. A rank with a bad batch
+        # contributes zeros and a flag, so every rank skips the same (global) batch.
         rows = x.new_full((1,), x.shape[0])
         packed = torch.cat([outer.flatten(), total, rows, (~finite).to(x.dtype).reshape(1)])
         packed = torch.where(finite, packed, torch.zeros_like(packed))
@@ -636,6 +628,7 @@ class _LaggedCounters:
 
     def __setstate__(self, state):
         self.__init__()
+
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
