@@ -5,7 +5,6 @@ The core is :class:`DirectPredHead`; ``directpred_plugin.lightly`` and
 """
 
 from .functional import (
-    VARIANTS,
     collapse_indicator,
     directcopy_weight,
     directpred_weight,
@@ -13,6 +12,7 @@ from .functional import (
 )
 from .head import DirectPredHead
 from .refresh import REFRESH_STRATEGIES
+from .rules import VARIANTS
 
 __version__ = "0.1.0"
 

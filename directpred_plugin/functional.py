@@ -6,53 +6,21 @@ without a :class:`~directpred_plugin.DirectPredHead`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-WeightFn = Callable[[Tensor, float], Tensor]
-
-
-def _inverse_top(top: Tensor) -> Tensor:
-    """``1 / top`` where ``top > 0``, else 0: an all-zero correlation maps to ``eps * I``."""
-    return torch.where(top > 0, top.clamp_min(torch.finfo(top.dtype).tiny).reciprocal(), 0.0)
-
-
-def directpred_from_eigh(eigenvalues: Tensor, eigenvectors: Tensor, eps: float) -> Tensor:
-    """DirectPred weight from an eigendecomposition ``F = U diag(s) U^T``.
-
-    ``p_j = sqrt(max(s_j, 0) / max_k s_k) + eps`` and ``W_p = U diag(p) U^T``.
-    """
-    scale = _inverse_top(eigenvalues.max())
-    p = (eigenvalues.clamp_min(0) * scale).sqrt() + eps
-    return (eigenvectors * p) @ eigenvectors.mT
+from .rules import RuleOptions, directcopy_rule, directpred_rule, normalise_statistics
 
 
 def directpred_weight(corr: Tensor, eps: float) -> Tensor:
     """DirectPred predictor (Tian, Chen & Ganguli, ICML 2021, Eq. 18) for a correlation ``corr``."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(corr)
-    return directpred_from_eigh(eigenvalues, eigenvectors, eps)
+    return directpred_rule(normalise_statistics(corr), RuleOptions(eps=eps))
 
 
 def directcopy_weight(corr: Tensor, eps: float) -> Tensor:
     """DirectCopy predictor (Wang et al., 2021): ``W_p = F / lambda_max(F) + eps * I``."""
-    top = torch.linalg.eigvalsh(corr).max()
-    eye = torch.eye(corr.shape[-1], dtype=corr.dtype, device=corr.device)
-    return corr * _inverse_top(top) + eps * eye
-
-
-#: Closed-form predictor rules by name; ``DirectPredHead(variant=...)`` looks them up here.
-VARIANTS: Dict[str, WeightFn] = {
-    "directpred": directpred_weight,
-    "directcopy": directcopy_weight,
-}
-
-
-def batch_outer_sum(z: Tensor) -> Tensor:
-    """Sum of outer products ``z^T z`` of a ``(batch, dim)`` tensor (not divided by batch)."""
-    return z.mT @ z
+    return directcopy_rule(normalise_statistics(corr), RuleOptions(eps=eps, alpha=1.0))
 
 
 def collapse_indicator(z: Tensor) -> Tensor:

@@ -1,11 +1,12 @@
-"""The DirectPred predictor head."""
+"""The DirectPred predictor head: running statistics, a refresh schedule and a closed-form ``W_p``."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +14,18 @@ from torch import Tensor, nn
 
 from . import functional
 from .distributed import all_reduce_sum_, world_size
-from .refresh import REFRESH_STRATEGIES
+from .refresh import REFRESH_STRATEGIES, AutoRefresh
+from .rules import VARIANTS, RuleOptions, normalise_statistics
+from .statistics import Pool, accumulate_, batch_moments, fold_, merge_
+
+__all__ = ["DirectPredHead", "CallsPerUpdate"]
 
 _STATS_DTYPES = (torch.float32, torch.float64)
+#: State a checkpoint may lack (see DirectPredHead._fill_optional_state).
+_OPTIONAL_STATE = ("refreshed_at", "refresh_rejections")
+#: ``calls_per_update`` value that pools the calls between two backward passes.
+AUTO = "auto"
+CallsPerUpdate = Union[int, str]
 
 
 def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
@@ -25,100 +35,111 @@ def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
+def _inside_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class DirectPredHead(nn.Module):
-    """Predictor set in closed form from the correlation of its input (DirectPred).
+    """Predictor set in closed form from the correlation of its input (DirectPred and family).
 
     Non-contrastive SSL (BYOL, SimSiam) avoids collapse because the predictor ``W_p``
     aligns with the eigenspace of the correlation ``F = E[z z^T]`` of its input [0].
     DirectPred sets ``W_p`` directly instead of learning it: it keeps an exponential
     moving average ``F_hat`` of batch correlations, eigendecomposes
     ``F_hat = U diag(s) U^T`` and uses ``W_p = U diag(p) U^T`` with
-    ``p_j = sqrt(max(s_j, 0) / max_k s_k) + eps``. DirectCopy [1]
-    (``variant="directcopy"``) uses ``W_p = F_hat / lambda_max(F_hat) + eps * I``.
+    ``p_j = sqrt(max(s_j, 0) / max_k s_k) + eps``. Other members of the family are chosen
+    with ``variant`` (a key of :data:`directpred_plugin.VARIANTS`): ``"directcopy"``
+    (``W_p = F_hat / lambda_max + eps I``, [1]) and ``"directset"`` (power ``alpha``, [1]).
 
     - [0]: Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics
       without contrastive pairs", ICML 2021, https://arxiv.org/abs/2102.06810
     - [1]: Wang et al., "Towards demystifying representation learning with
       non-contrastive self-supervision", 2021, https://arxiv.org/abs/2110.04947
 
-    Each training-mode call ``head(z)`` (module in ``train()`` mode, autograd enabled)
-      1. returns ``z @ W_p^T`` computed with the current ``W_p`` (earlier calls only),
-      2. folds the detached batch correlation ``C = z^T z / batch`` into the estimate:
-         ``F_hat = C`` on the first update, then ``F_hat <- rho * F_hat + (1 - rho) * C``,
-      3. on every ``freq``-th update, recomputes ``W_p`` from ``F_hat``.
+    One update pipeline, the same on every device. A training-mode call ``head(z)``
+    (module in ``train()`` mode, autograd enabled)
+
+      1. returns ``z @ W_p^T`` with the ``W_p`` of earlier updates (an immutable snapshot,
+         so a later refresh never alters what autograd saved),
+      2. adds ``z^T z``, ``sum z`` and the row count of the detached batch (summed over
+         ranks under DDP) to a pool,
+      3. when the pool closes (see ``calls_per_update``) folds it into ``F_hat``: ``F_hat = C`` on the first update, else
+         ``F_hat <- rho * F_hat + (1 - rho) * C`` with ``C`` the pooled correlation; a pool
+         with a non-finite entry is skipped on the device, state unchanged,
+      4. every ``freq``-th closed pool (a training step; skipped ones count, so the
+         schedule never waits for the device), recomputes ``W_p`` from the scale-normalised
+         ``F_hat`` if ``F_hat`` changed since the last refresh.
 
     ``W_p`` starts as the identity. Calls in ``eval()`` mode or under ``torch.no_grad()``
-    (inference, frozen models, the first pass of reentrant activation checkpointing)
     change no state.
-
-    Per call versus per iteration: the paper makes one update per training iteration
-    from the correlation of all views together. lightly's and solo-learn's BYOL/SimSiam
-    call the predictor once per view, so with the default ``calls_per_update=1`` an
-    iteration with ``V`` views makes ``V`` EMA steps (the effective per-iteration decay
-    is ``rho ** V`` and later views weigh more) and counts ``V`` towards ``freq``. To get
-    the paper's rule exactly, either pass all views in one call
-    (``head(torch.cat(views))``) or set ``calls_per_update=V``: the ``V`` calls of an
-    iteration then all use the same ``W_p``, their pooled correlation (that of the
-    concatenated views) makes one EMA step, and ``freq`` counts iterations.
 
     Args:
         dim: Width of the input (and output); ``W_p`` is ``dim x dim``.
         rho: EMA decay of the correlation estimate (paper: 0.3).
-        eps: Added to every ``p_j`` (DirectPred) or to the diagonal (DirectCopy) so that
-            weak directions still receive gradient. The authors' documented setting,
-            0.01, is the default; the paper explores values up to 0.1.
-        freq: Recompute ``W_p`` every ``freq`` updates (paper: 1). With
+        eps: Added to every predictor eigenvalue (DirectCopy: to the diagonal) so that
+            weak directions still receive gradient; >= 0. Default 0.01 (the authors' code).
+        freq: Recompute ``W_p`` every ``freq`` training steps (paper: 1). With
             ``trainable=True`` and ``freq > 1`` the optimizer trains ``W_p`` between
             refreshes and each refresh overwrites it (the paper's hybrid).
-        variant: A key of :data:`directpred_plugin.VARIANTS` (``"directpred"`` or
-            ``"directcopy"``).
+        variant: A key of :data:`directpred_plugin.VARIANTS`.
         trainable: Make ``W_p`` an ``nn.Parameter`` for the optimizer instead of a buffer.
         center: Use the covariance ``F_hat - mu_hat mu_hat^T`` (with an EMA ``mu_hat`` of
-            the batch means, same ``rho``) instead of the raw correlation, as the authors'
-            code does with its zero-mean option.
-        calls_per_update: Pool this many consecutive training calls into one update (see
-            above). A call whose batch is skipped still fills its slot, so groups stay
-            aligned with the framework's iterations.
+            the batch means) instead of the raw correlation.
+        calls_per_update: How many training-mode calls pool into one update: an integer
+            (1, the default, updates on every call), or ``"auto"``: the calls between two
+            backward passes (every view of a training step, multi-crop included) pool into
+            one update, made at the first call after the backward. lightly and solo-learn
+            call the predictor once per view; ``"auto"`` gives the paper's one update per
+            iteration without counting views (the lightly and solo-learn adapters default
+            to it). Under ``"auto"`` the input must require grad (that is how a backward
+            pass is seen), and the last step's pool is folded by the next step's first call.
         stats_dtype: ``torch.float32`` (default) or ``torch.float64`` for ``F_hat`` and the
-            eigendecomposition. Statistics never follow ``.half()``/``.to(dtype)``.
+            refresh. Statistics never follow ``.half()``/``.to(dtype)``.
         sync_dist: When ``torch.distributed`` is initialised with more than one rank, sum
-            the batch statistics over ranks before the EMA, so that every rank holds the
-            ``F_hat`` and ``W_p`` a single process would get from the concatenated batch.
+            each pool over ranks before the fold, so every rank holds the ``F_hat`` and
+            ``W_p`` one process would get from the concatenated batch.
         process_group: Group for that reduction (default: the world).
-        refresh: A key of :data:`directpred_plugin.REFRESH_STRATEGIES`: ``"exact"`` (a full
-            eigendecomposition at every refresh, the reference), ``"iterative"`` (Lanczos
-            for ``lambda_max`` plus a Newton-Schulz square root: matrix products only,
-            self-checked against a bound on its error, exact fallback) or ``"auto"`` (the
-            default: the faster of the two for the variant and device, see
-            :class:`directpred_plugin.refresh.AutoRefresh`).
+        refresh: A key of :data:`directpred_plugin.REFRESH_STRATEGIES`: ``"exact"``,
+            ``"iterative"`` (matrix products only, certified error bound) or ``"auto"``
+            (default: the faster of the two, measured on the first refresh).
         refresh_options: Keyword options for the strategy, e.g. ``{"tol": 0.01}``.
-        deferred_checks: Decide bad batches and failed refreshes on the device and read
-            the outcome on the host one call later, so that a training step never waits
-            for the accelerator. ``None`` (default): only for CUDA inputs.
+        alpha: DirectSet's power (``variant="directset"``): ``p_j = (s_j / max s)^alpha + eps``.
+        eps_inside: Put ``eps`` inside the power: ``p_j = (s_j / max s + eps)^alpha``.
+        ridge: Added times ``I`` to the normalised statistics before the rule.
+        weight_momentum: EMA on ``W_p`` itself: a refresh sets
+            ``W_p <- m W_p + (1 - m) W_new`` (the first refresh takes ``W_new``).
 
-    Robustness: a training batch containing NaN/inf (on any rank) updates nothing and
-    warns once per head; if the eigendecomposition fails or is non-finite it is retried
-    in float64, and if that fails the previous ``W_p`` is kept (with a warning).
-    With deferred checks (CUDA) the state is left unchanged in the same way, but the
-    warning, the refresh schedule and ``diagnostics()`` counters learn of a skipped batch
-    one call later, and an iterative refresh that fails its own check keeps the previous
-    ``W_p`` until the next call, which then recomputes it with the checked (exact
-    fallback) path.
-    :meth:`state_dict` holds ``F_hat``, ``W_p``, the update counter and the refresh
-    strategy's warm start, so training resumed from a checkpoint continues exactly as if
-    uninterrupted.
+    Robustness: a pool with NaN/inf (a bad batch on any rank, or sums that overflow only
+    once pooled or reduced) updates nothing. A refresh whose result cannot be used (an
+    eigendecomposition that fails in the statistics' dtype and in float64, or an
+    iterative result above its certified error bound) keeps the previous ``W_p``; the
+    next refresh then uses the exact rule. The host learns of both one update later
+    (a lagged, non-blocking copy of two counters) and warns once per kind.
+    :meth:`state_dict` holds everything the next call depends on, so a resumed run
+    continues exactly as if uninterrupted; a checkpoint of another ``dim`` or ``variant``
+    is refused with an error naming both.
 
     Examples:
         >>> # BYOL with a closed-form predictor instead of the 256-4096-256 MLP
-        >>> predictor = DirectPredHead(256)
+        >>> predictor = DirectPredHead(256, calls_per_update="auto")
         >>> p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
         >>> predictor.diagnostics()["alignment"]  # 1.0 for the exact rule
     """
 
+    _version = 2
+
     weight: Tensor
     corr: Tensor
+    pending_outer: Tensor
+    pending_sum: Tensor
+    pending_count: Tensor
+    pending_calls: Tensor
     num_updates: Tensor
     num_skipped: Tensor
+    refreshed_at: Tensor
+    refresh_rejections: Tensor
+    last_collapse: Tensor
 
     def __init__(
         self,
@@ -130,36 +151,42 @@ class DirectPredHead(nn.Module):
         variant: str = "directpred",
         trainable: bool = False,
         center: bool = False,
-        calls_per_update: int = 1,
+        calls_per_update: CallsPerUpdate = 1,
         stats_dtype: torch.dtype = torch.float32,
         sync_dist: bool = True,
         process_group: Optional[Any] = None,
         refresh: str = "auto",
         refresh_options: Optional[Dict[str, Any]] = None,
-        deferred_checks: Optional[bool] = None,
+        alpha: float = 0.5,
+        eps_inside: bool = False,
+        ridge: float = 0.0,
+        weight_momentum: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_int("dim", dim, minimum=1)
-        _check_int("freq", freq, minimum=1)
-        _check_int("calls_per_update", calls_per_update, minimum=1)
-        if not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
-            raise ValueError(f"rho must be a float in [0, 1), got {rho!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite float, got {eps!r}")
-        if variant not in functional.VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(functional.VARIANTS)}, got {variant!r}")
+        dim = _check_int("dim", dim, minimum=1)
+        freq = _check_int("freq", freq, minimum=1)
+        if calls_per_update != AUTO:
+            calls_per_update = _check_int("calls_per_update", calls_per_update, minimum=1, also=f"or {AUTO!r}")
+        rho = _check_real("rho", rho, 0.0, 1.0, upper_open=True)
+        eps = _check_real("eps", eps, 0.0, math.inf)
+        alpha = _check_real("alpha", alpha, 0.0, math.inf, lower_open=True)
+        ridge = _check_real("ridge", ridge, 0.0, math.inf)
+        weight_momentum = _check_real("weight_momentum", weight_momentum, 0.0, 1.0, upper_open=True)
+        for name, value in (("trainable", trainable), ("center", center), ("sync_dist", sync_dist),
+                            ("eps_inside", eps_inside)):
+            _check_bool(name, value)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         if refresh not in REFRESH_STRATEGIES:
             raise ValueError(f"refresh must be one of {sorted(REFRESH_STRATEGIES)}, got {refresh!r}")
         if refresh_options is not None and not isinstance(refresh_options, dict):
             raise ValueError(f"refresh_options must be a dict of keyword options, got {refresh_options!r}")
-        if deferred_checks not in (None, True, False):
-            raise ValueError(f"deferred_checks must be None, True or False, got {deferred_checks!r}")
         if stats_dtype not in _STATS_DTYPES:
             raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype!r}")
 
         self.dim = dim
-        self.rho = float(rho)
-        self.eps = float(eps)
+        self.rho = rho
+        self.eps = eps
         self.freq = freq
         self.variant = variant
         self.trainable = trainable
@@ -170,303 +197,247 @@ class DirectPredHead(nn.Module):
         self.process_group = process_group
         self.refresh_strategy = refresh
         self.refresh_options = dict(refresh_options or {})
-        self.deferred_checks = deferred_checks
+        self.ridge = ridge
+        self.weight_momentum = weight_momentum
+        self.rule_options = RuleOptions(eps=eps, alpha=alpha, eps_inside=eps_inside)
         try:
             self.refresher = REFRESH_STRATEGIES[refresh](dim, **self.refresh_options)
         except TypeError as err:
             raise ValueError(
                 f"refresh_options {sorted(self.refresh_options)} are not all options of refresh={refresh!r}: {err}"
             ) from None
+        if isinstance(self.refresher, AutoRefresh):
+            self.refresher.process_group = process_group if sync_dist else None
 
-        # A buffer W_p is stored like the statistics; a trainable one follows the module dtype.
-        eye = torch.eye(dim) if trainable else torch.eye(dim, dtype=stats_dtype)
+        # A buffer W_p is kept like the statistics; a trainable one follows the module dtype.
         if trainable:
-            self.weight = nn.Parameter(eye)
+            self.weight = nn.Parameter(torch.eye(dim))
         else:
-            self.register_buffer("weight", eye)
+            self.register_buffer("weight", torch.eye(dim, dtype=stats_dtype))
         self.register_buffer("corr", torch.zeros(dim, dim, dtype=stats_dtype))
-        self._pinned = ["corr"] + ([] if trainable else ["weight"])
         if center:
             self.register_buffer("mean", torch.zeros(dim, dtype=stats_dtype))
-            self._pinned.append("mean")
-        if calls_per_update > 1:
-            self.register_buffer("pending_outer", torch.zeros(dim, dim, dtype=stats_dtype))
-            self.register_buffer("pending_sum", torch.zeros(dim, dtype=stats_dtype))
-            self.register_buffer("pending_count", torch.zeros((), dtype=stats_dtype))
-            self.register_buffer("pending_calls", torch.zeros((), dtype=torch.long))
-            self._pinned += ["pending_outer", "pending_sum", "pending_count"]
+        self.register_buffer("pending_outer", torch.zeros(dim, dim, dtype=stats_dtype))
+        self.register_buffer("pending_sum", torch.zeros(dim, dtype=stats_dtype))
+        self.register_buffer("pending_count", torch.zeros((), dtype=stats_dtype))
+        self.register_buffer("pending_calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
-        # iterative refreshes that failed their own check on the sync-free path
-        self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
+        self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
+        # a diagnostic of the local batch, so not state that ranks or checkpoints share
+        self.register_buffer("last_collapse", torch.full((), float("nan")), persistent=False)
+        self._pinned = ["corr", "pending_outer", "pending_sum", "pending_count", "last_collapse"]
+        self._pinned += ([] if trainable else ["weight"]) + (["mean"] if center else [])
+        self._reset_host_state()
 
-        # Host-side copies of the counters: the schedule is decided in Python, and reading
-        # a CUDA buffer for it every call would synchronise with the device.
-        self._updates = 0
-        self._pending_calls = 0
-        self._pending_count = 0.0
-        self._skipped = 0
-        self._refresh_failures = 0
-        self._warned: set = set()
-        # With deferred checks the host issues folds without knowing whether the batch
-        # was good; a lagged snapshot of the device counters tells it how many were lost.
-        self._issued = 0
-        self._lost = 0
-        self._rejections_seen = 0
+    def _reset_host_state(self) -> None:
+        """Host-side mirrors and caches, re-derived from the buffers (after a load or a move)."""
+        # The schedule is decided on the host from counts it knows without reading the
+        # device: calls in the open pool and closed pools (training steps).
+        self._calls_in_group = int(self.pending_calls)
+        # Steps are not state of their own (a skipped step changes nothing but num_skipped);
+        # after a load they are re-derived, leaving out only pools that had no rows at all.
+        self._steps = int(self.num_updates) + int(self.num_skipped)
+        self._generation = 0  # bumped whenever W_p may have changed
+        self._snapshot: Optional[Tuple[int, Tensor]] = None
+        # Which W_p the calls of the current training step used (for recomputation).
+        self._step_generation: Optional[int] = None
+        self._step_mixed = False
+        self._backward_seen = False
         self._lagged = _LaggedCounters()
-        # Output copy of W_p (see _output_weight) and the lazily computed collapse indicator.
-        self._applied: Optional[Tensor] = None
-        self._applied_key: Optional[tuple] = None
-        self._collapse_batch: Optional[Tensor] = None
-        self._collapse_value = torch.full((), float("nan"))
+        self._seen_skipped = int(self.num_skipped)
+        self._seen_rejections = int(self.refresh_rejections)
+        self._exact_next = False
+        self._exact_fallbacks = 0
+        self._warned: set = set()
+
+    def reset_running_stats(self) -> None:
+        """Forget all statistics: ``F_hat``, the pool and the counters; ``W_p`` back to the identity."""
+        with torch.no_grad():
+            for name in ("corr", "pending_outer", "pending_sum", "pending_count", "pending_calls",
+                         "num_updates", "num_skipped", "refreshed_at", "refresh_rejections"):
+                getattr(self, name).zero_()
+            if self.center:
+                self.mean.zero_()
+            self.last_collapse.fill_(float("nan"))
+            self.weight.copy_(torch.eye(self.dim, dtype=self.weight.dtype, device=self.weight.device))
+        self._reset_host_state()
 
     # ------------------------------------------------------------------ forward
     def forward(self, z: Tensor) -> Tensor:
         self._check_input(z)
-        weight = self._output_weight(z.dtype)
-        with _autocast_disabled(z.device.type):
-            out = F.linear(z, weight)
         if self.training and torch.is_grad_enabled():
-            self.update(z)
-        return out
+            weight = self._training_call(z)
+        elif self.trainable:
+            weight = self.weight
+        else:
+            weight = self.weight.detach().clone()  # never the buffer itself: a refresh writes it in place
+        with _autocast_disabled(z.device.type):
+            return F.linear(z, weight.to(z.dtype))
 
-    def _output_weight(self, dtype: torch.dtype) -> Tensor:
-        if self.trainable:  # part of the graph, so that the optimizer trains W_p
-            return self.weight.to(dtype=dtype, copy=True)
-        # A private copy of W_p: a refresh later in this call (or in the next view's call,
-        # before backward) rewrites self.weight in place, which must not touch the tensor
-        # autograd saved. The copy is remade only when W_p changed (_version counts
-        # in-place writes), i.e. once per refresh instead of once per call.
-        w = self.weight
-        key = (id(w), w.data_ptr(), w._version, w.device, dtype)
-        if self._applied is None or self._applied_key != key:
-            self._applied = w.detach().to(dtype=dtype, copy=True)
-            self._applied_key = key
-        return self._applied
+    @torch.compiler.disable
+    def _training_call(self, z: Tensor) -> Tensor:
+        """The state update of a training-mode call; returns the ``W_p`` its output uses.
+
+        Runs eagerly under ``torch.compile`` (one graph break per call): the schedule is
+        decided on the host, and compiled and eager runs execute this same code.
+        """
+        if _inside_backward():
+            return self._weight_for_recomputation()
+        if self._backward_seen:  # a backward pass ran since the previous call: a new step
+            self._backward_seen = False
+            self._step_generation, self._step_mixed = None, False
+            if self.calls_per_update == AUTO and self._calls_in_group:
+                self._close_pool()
+        weight = self._weight_for_call()
+        if z.requires_grad:
+            z.register_hook(self._mark_backward)
+        elif self.calls_per_update == AUTO:
+            raise ValueError(
+                "DirectPredHead(calls_per_update='auto') pools the calls between two backward passes, "
+                "but this training-mode input does not require grad, so no backward pass can be seen. "
+                "Pass an integer calls_per_update, or call head.update(z) to feed statistics."
+            )
+        self._collect(z)
+        if self.calls_per_update != AUTO and self._calls_in_group >= self.calls_per_update:
+            self._close_pool()
+        return weight
+
+    def _mark_backward(self, grad: Tensor) -> None:
+        self._backward_seen = True
+
+    def _weight_for_call(self) -> Tensor:
+        if self._step_generation is None:
+            self._step_generation = self._generation
+            if self.trainable:  # the optimizer moved W_p since the last step
+                self._snapshot = None
+        elif self._step_generation != self._generation:
+            self._step_mixed = True
+        if self._snapshot is None or self._snapshot[0] != self._generation:
+            self._snapshot = (self._generation, self.weight.detach().clone())
+        if self.trainable:
+            # A differentiable copy: the optimizer trains W_p through it, and a refresh
+            # later in this step (in place, on the parameter) leaves it untouched.
+            return self.weight.clone()
+        return self._snapshot[1]
+
+    def _weight_for_recomputation(self) -> Tensor:
+        """The ``W_p`` the forward pass used, for activation checkpointing's recomputation."""
+        if self._step_generation is None or self._step_mixed or self._snapshot is None:
+            raise RuntimeError(
+                "DirectPredHead was recomputed during backward (activation checkpointing), but "
+                + ("no training-mode call of this step was seen (reentrant checkpointing runs the "
+                   "forward under no_grad, where the head collects no statistics)"
+                   if self._step_generation is None else
+                   "W_p changed between the calls of this step (calls_per_update updates inside the step)")
+                + ", so the output cannot be recomputed exactly. Use torch.utils.checkpoint with "
+                "use_reentrant=False and calls_per_update='auto' (W_p changes only between steps), "
+                "or keep the head outside the checkpointed function."
+            )
+        snapshot = self._snapshot[1]
+        if self.trainable:  # the values of the forward pass, the gradient to the parameter
+            return self.weight + (snapshot - self.weight).detach()
+        return snapshot
 
     @torch.no_grad()
     def update(self, z: Tensor) -> None:
-        """Fold a batch into ``F_hat`` (and refresh ``W_p`` on schedule) without computing output.
+        """Add a batch to the statistics without computing an output.
 
-        :meth:`forward` calls this in training mode; call it directly to feed statistics
-        from elsewhere. Collective under DDP: every rank must call it equally often.
+        Counts as one call towards ``calls_per_update``; with ``"auto"`` it makes one update
+        on its own. Collective under DDP: every rank must call it equally often.
         """
         self._check_input(z)
-        deferred = self._defers(z.device)
-        if deferred:
-            self._read_lagged()
-        with _autocast_disabled(z.device.type):
+        self._collect(z)
+        if self.calls_per_update == AUTO or self._calls_in_group >= self.calls_per_update:
+            self._close_pool()
+
+    # --------------------------------------------------------- statistics
+    def _collect(self, z: Tensor) -> None:
+        with torch.no_grad(), _autocast_disabled(z.device.type):
             x = z.detach().to(self.stats_dtype)
-            ranks = world_size(self.process_group) if self.sync_dist else 1
-            if deferred:
-                self._update_on_device(x, ranks)
-                counters = torch.stack([self.num_updates, self.num_skipped, self.refresh_rejections])
-                self._lagged.offer(counters, self._issued)
+            if self.sync_dist and world_size(self.process_group) > 1:
+                # summed over ranks as they join the pool: every rank holds the same pool
+                moments = batch_moments(x)
+                _all_reduce_pool_(moments, self.process_group)
+                merge_(self._pool(), moments)
             else:
-                self._update_on_host(x, ranks)
+                accumulate_(self._pool(), x)
+            # a diagnostic of this batch alone, kept only if the batch could be folded
+            usable = torch.isfinite(x.square().sum(dim=0)).all()
+            collapse = functional.collapse_indicator(x).to(self.last_collapse.dtype)
+            usable = usable & torch.isfinite(collapse)
+            self.last_collapse.copy_(torch.where(usable, collapse, self.last_collapse))
+        self._calls_in_group += 1
+        self.pending_calls.fill_(self._calls_in_group)
 
-    def _defers(self, device: torch.device) -> bool:
-        if self.deferred_checks is None:
-            return device.type == "cuda"
-        return self.deferred_checks
+    def _pool(self) -> Pool:
+        return Pool(self.pending_outer, self.pending_sum, self.pending_count)
 
-    # ---- host-checked path: decisions read on the host right away (CPU default)
-    def _update_on_host(self, x: Tensor, ranks: int) -> None:
-        if ranks == 1:
-            # NaN/inf anywhere in x, or an overflowing x^T x, shows on its diagonal
-            ok = bool(torch.isfinite(x.square().sum(dim=0)).all())
-            outer, total, count = None, None, float(x.shape[0])
-        else:
-            outer, total, count, bad = self._reduced_batch_stats(x)
-            ok = not bad
-        if not ok:
-            self._skip_batch()
-        else:
-            self._collapse_batch = x
-
-        if self.calls_per_update == 1:
-            if ok and count > 0:
-                self._fold_on_host(x, outer, total, count)
-            return
-
-        if ok and count > 0:
-            if outer is None:
-                self.pending_outer.addmm_(x.mT, x)
-                self.pending_sum.add_(x.sum(dim=0))
-            else:
-                self.pending_outer.add_(outer)
-                self.pending_sum.add_(total)
-            self._pending_count += count
-        self._pending_calls += 1
-        if self._pending_calls == self.calls_per_update:
-            if self._pending_count > 0:
-                self._fold_on_host(None, self.pending_outer, self.pending_sum, self._pending_count)
-            self.pending_outer.zero_()
-            self.pending_sum.zero_()
-            self._pending_calls = 0
-            self._pending_count = 0.0
-        self.pending_calls.fill_(self._pending_calls)
-        self.pending_count.fill_(self._pending_count)
-
-    def _reduced_batch_stats(self, x: Tensor):
-        """Sum of outer products, sum of rows, row count and a bad-batch flag, over all ranks."""
-        finite = torch.isfinite(x.square().sum(dim=0)).all()
-        outer, total, count, bad = self._reduced_batch_stats_on_device(x, finite)
-        count, bad = torch.stack([count, bad.to(count.dtype)]).tolist()
-        return outer, total, count, bad > 0
-
-    def _fold_on_host(self, x: Optional[Tensor], outer: Optional[Tensor], total: Optional[Tensor], count: float) -> None:
-        """EMA step from the rows ``x`` (fused into one product) or from summed statistics."""
-        first = self._updates == 0
-        if outer is None:
-            if first:
-                torch.mm(x.mT, x, out=self.corr)
-                self.corr.div_(count)
-            else:
-                self.corr.addmm_(x.mT, x, beta=self.rho, alpha=(1.0 - self.rho) / count)
-            if self.center:
-                total = x.sum(dim=0)
-        elif first:
-            torch.div(outer, count, out=self.corr)
-        else:
-            self.corr.mul_(self.rho).add_(outer, alpha=(1.0 - self.rho) / count)
-        if self.center:
-            if first:
-                torch.div(total, count, out=self.mean)
-            else:
-                self.mean.mul_(self.rho).add_(total, alpha=(1.0 - self.rho) / count)
-        self._updates += 1
-        self._issued = self._updates
-        self.num_updates.fill_(self._updates)
-        if self._updates % self.freq == 0:
-            self.refresh()
-
-    def _skip_batch(self) -> None:
-        self._skipped += 1
-        self.num_skipped.fill_(self._skipped)
-        self._warn_nonfinite()
-
-    def _warn_nonfinite(self) -> None:
-        self._warn_once(
-            "nonfinite",
-            "DirectPredHead skipped a training batch with non-finite values (NaN/inf); "
-            "its statistics and W_p are unchanged. Further skips are counted in "
-            "`num_skipped` without warning.",
-        )
-
-    # ---- deferred path: every decision stays on the device (CUDA default)
-    def _update_on_device(self, x: Tensor, ranks: int) -> None:
-        finite = torch.isfinite(x.square().sum(dim=0)).all()
-        previous = self._collapse_value
-        if previous.device != x.device:  # created in place: a host-to-device copy would wait
-            previous = torch.full((), float("nan"), device=x.device)
-        self._collapse_value = torch.where(finite, functional.collapse_indicator(x), previous)
-        if ranks == 1:
-            safe = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-            outer = safe.mT @ safe
-            total = safe.sum(dim=0)
-            count = finite.to(x.dtype) * x.shape[0]
-            skipped = ~finite
-        else:
-            outer, total, count, skipped = self._reduced_batch_stats_on_device(x, finite)
-        self.num_skipped.add_(skipped.long())
-        ok = count > 0
-
-        if self.calls_per_update == 1:
-            self._fold_on_device(outer, total, count, ok)
-            return
-
-        keep = ok.to(x.dtype)
-        self.pending_outer.addcmul_(outer, keep)
-        self.pending_sum.addcmul_(total, keep)
-        self.pending_count.add_(count * keep)
-        self._pending_calls += 1
-        if self._pending_calls == self.calls_per_update:
-            count = self.pending_count.clone()
-            self._fold_on_device(self.pending_outer, self.pending_sum, count, count > 0)
-            self.pending_outer.zero_()
-            self.pending_sum.zero_()
-            self.pending_count.zero_()
-            self._pending_calls = 0
-        self.pending_calls.fill_(self._pending_calls)
-
-    def _reduced_batch_stats_on_device(self, x: Tensor, finite: Tensor):
-        """Like :meth:`_reduced_batch_stats`, leaving the count and the flag on the device."""
-        outer = functional.batch_outer_sum(x)
-        total = x.sum(dim=0)
-        # One collective per call: [outer | total | count | bad]. A rank with a bad batch
-        # contributes zeros and a flag, so every rank skips the same (global) batch.
-        rows = x.new_full((1,), x.shape[0])
-        packed = torch.cat([outer.flatten(), total, rows, (~finite).to(x.dtype).reshape(1)])
-        packed = torch.where(finite, packed, torch.zeros_like(packed))
-        packed[-1] = (~finite).to(x.dtype)
-        all_reduce_sum_(packed, self.process_group)
-        d = self.dim
-        bad = packed[-1] > 0
-        count = packed[-2] * (~bad).to(x.dtype)
-        return packed[: d * d].view(d, d), packed[d * d : d * d + d], count, bad
-
-    def _fold_on_device(self, outer: Tensor, total: Tensor, count: Tensor, ok: Tensor) -> None:
-        """EMA step whose coefficients are device tensors: (beta, alpha) = (1, 0) skips it."""
-        first = self.num_updates == 0
-        one = torch.ones((), dtype=self.corr.dtype, device=self.corr.device)
-        zero = torch.zeros_like(one)
-        beta = torch.where(ok, torch.where(first, zero, torch.full_like(one, self.rho)), one)
-        alpha = torch.where(ok, torch.where(first, one, torch.full_like(one, 1.0 - self.rho)), zero)
-        alpha = alpha / count.clamp_min(1)
-        self.corr.mul_(beta).addcmul_(outer, alpha)
-        if self.center:
-            self.mean.mul_(beta).addcmul_(total, alpha)
-        self.num_updates.add_(ok.long())
-        self._issued += 1
-        self._updates = self._issued - self._lost
-        if self._updates % self.freq == 0:
-            self._propose_refresh()
-
-    def _propose_refresh(self) -> None:
-        corr = self.effective_corr()
-        with _autocast_disabled(corr.device.type):
-            propose = getattr(self.refresher, "propose", None)
-            proposal = propose(corr, self.variant, self.eps) if propose is not None else None
-        if proposal is None:  # the strategy has no sync-free path
-            self.refresh()
-            return
-        weight, ok = proposal
-        self.weight.copy_(torch.where(ok, weight.to(self.weight.dtype), self.weight))
-        self.refresh_rejections.add_((~ok).long())
-
-    def _read_lagged(self) -> None:
-        """Catch up with the device counters of an earlier call, if they have arrived."""
-        snapshot = self._lagged.take()
-        if snapshot is None:
-            return
-        (updates, skipped, rejections), issued = snapshot
-        self._lost = issued - updates
-        self._updates = self._issued - self._lost
-        if skipped > self._skipped:
-            self._skipped = skipped
-            self._warn_nonfinite()
-        if rejections > self._rejections_seen:
-            self._rejections_seen = rejections
-            self.refresh()  # the host-checked path, with its exact fallback
+    def _close_pool(self) -> None:
+        """Fold the pool into ``F_hat``, and refresh on schedule."""
+        with torch.no_grad(), _autocast_disabled(self.corr.device.type):
+            pool = self._pool()
+            result = fold_(self.corr, self.mean if self.center else None, self.num_updates, pool, self.rho)
+            self.num_skipped.add_(result.skipped.long())
+            for buffer in pool:
+                buffer.zero_()
+            self._calls_in_group = 0
+            self.pending_calls.zero_()
+            self._steps += 1
+            if self._steps % self.freq == 0:
+                self._refresh(force=False)
+            self._learn_counters()
 
     # ------------------------------------------------------------------ refresh
+    def _refresh(self, force: bool) -> Tensor:
+        changed = self.num_updates > (0 if force else self.refreshed_at)
+        stats = normalise_statistics(self.effective_corr(), self.ridge)
+        strategy = self.refresher
+        if self._exact_next:
+            strategy = getattr(self.refresher, "exact", self.refresher)
+            self._exact_next = False
+            self._exact_fallbacks += 1
+        candidate, ok = strategy(stats, VARIANTS[self.variant], self.rule_options)
+        candidate = candidate.to(self.weight.dtype)
+        if self.weight_momentum:
+            momentum = torch.where(self.refreshed_at > 0, self.weight_momentum, 0.0).to(candidate.dtype)
+            candidate = momentum * self.weight.detach() + (1 - momentum) * candidate
+        use = ok & changed
+        self.weight.copy_(torch.where(use, candidate, self.weight.detach()))
+        self.refreshed_at.copy_(torch.where(use, self.num_updates, self.refreshed_at))
+        self.refresh_rejections.add_((changed & ~ok).long())
+        self._generation += 1
+        return use
+
     @torch.no_grad()
     def refresh(self) -> bool:
-        """Recompute ``W_p`` from the current estimate now; returns False if it was kept."""
-        corr = self.effective_corr()
-        with _autocast_disabled(corr.device.type):  # autocast would run the matmuls in half
-            weight = self.refresher(corr, self.variant, self.eps)
-        if weight is None:
-            self._refresh_failures += 1
-            self._warn_once(
-                "eigh",
-                "DirectPredHead could not compute a finite W_p (eigendecomposition failed in "
-                f"{self.stats_dtype} and float64); keeping the previous W_p.",
-            )
-            return False
-        self.weight.copy_(weight)
-        return True
+        """Recompute ``W_p`` from the current estimate now; False if it was kept (reads the result)."""
+        with _autocast_disabled(self.corr.device.type):
+            return bool(self._refresh(force=True))
+
+    def _learn_counters(self) -> None:
+        """Warn and schedule an exact refresh from the newest counters that reached the host."""
+        previous = self._lagged.exchange(torch.stack([self.num_skipped, self.refresh_rejections]))
+        if previous is not None:
+            skipped, rejections = previous
+            if skipped > self._seen_skipped:
+                self._seen_skipped = skipped
+                self._warn_once(
+                    "nonfinite",
+                    "DirectPredHead skipped a training step whose statistics were non-finite (NaN/inf in a "
+                    "batch, or sums that overflowed); its statistics and W_p are unchanged. Further skips "
+                    "are counted in `num_skipped` without warning.",
+                )
+            if rejections > self._seen_rejections:
+                self._seen_rejections = rejections
+                self._exact_next = True
+                self._warn_once(
+                    "refresh",
+                    "DirectPredHead could not use a refresh (eigendecomposition failed in the statistics' "
+                    "dtype and in float64, or an iterative result exceeded its error bound); keeping the "
+                    "previous W_p. Counted in `refresh_rejections`; the next refresh uses the exact rule.",
+                )
 
     def effective_corr(self) -> Tensor:
         """The matrix ``W_p`` is computed from: ``F_hat``, or ``F_hat - mu mu^T`` with ``center``."""
@@ -475,14 +446,6 @@ class DirectPredHead(nn.Module):
         return self.corr
 
     # ------------------------------------------------------------- diagnostics
-    @property
-    def last_collapse(self) -> Tensor:
-        """Collapse indicator of the last good training batch (NaN before the first)."""
-        if self._collapse_batch is not None:  # computed on demand: it is for logging only
-            self._collapse_value = functional.collapse_indicator(self._collapse_batch)
-            self._collapse_batch = None
-        return self._collapse_value
-
     @torch.no_grad()
     def spectra(self) -> Dict[str, Tensor]:
         """Eigenvalues (descending, float64) of ``F_hat`` and of the symmetric part of ``W_p``."""
@@ -505,14 +468,12 @@ class DirectPredHead(nn.Module):
     def diagnostics(self) -> Dict[str, float]:
         """Scalar summaries for logging: spectra, alignment, collapse indicator and counters.
 
-        Computed on demand (one eigendecomposition of each matrix in float64), so call it
-        every N steps rather than every step at large ``dim``. ``refresh_fallbacks``
-        counts refreshes an iterative strategy handed to the exact rule.
+        Computed on demand (one eigendecomposition of each matrix in float64, and host reads),
+        so call it every N steps rather than every step at large ``dim``.
         """
         spectra = self.spectra()
         corr_eigs, weight_eigs = spectra["corr"], spectra["weight"]
         updates = int(self.num_updates)
-        fallbacks = sum(int(m.fallbacks) for m in self.refresher.modules() if hasattr(m, "fallbacks"))
         return {
             "alignment": self.alignment(),
             "collapse": float(self.last_collapse),
@@ -523,8 +484,9 @@ class DirectPredHead(nn.Module):
             "weight_eig_min": float(weight_eigs[-1]),
             "num_updates": float(updates),
             "num_skipped": float(self.num_skipped),
-            "refresh_failures": float(self._refresh_failures),
-            "refresh_fallbacks": float(fallbacks + int(self.refresh_rejections)),
+            "num_steps": float(self._steps),
+            "refresh_failures": float(self.refresh_rejections),
+            "refresh_fallbacks": float(self._exact_fallbacks),
         }
 
     # ------------------------------------------------------------ bookkeeping
@@ -542,94 +504,149 @@ class DirectPredHead(nn.Module):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _apply(self, fn, recurse=True):
-        # Statistics (and a buffer W_p, and the refresh strategy's state) keep their dtype
-        # through .half()/.to(dtype): only their device follows the module.
+        # Statistics (and a buffer W_p) keep their dtype through .half()/.to(dtype): only
+        # their device follows the module.
         before = {name: getattr(self, name) for name in self._pinned}
-        strategy = [(m, name, b) for m in self.refresher.modules() for name, b in m._buffers.items() if b is not None]
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
             if new.dtype != old.dtype:
                 setattr(self, name, old.to(device=new.device))
-        for module, name, old in strategy:
-            new = module._buffers[name]
-            if new.dtype != old.dtype:
-                module._buffers[name] = old.to(device=new.device)
+        self._snapshot = None
+        self._lagged = _LaggedCounters()
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._updates = int(self.num_updates)
-        self._issued = self._updates
-        self._lost = 0
-        self._skipped = int(self.num_skipped)
-        self._lagged = _LaggedCounters()
-        self._collapse_batch = None
-        if self.calls_per_update > 1:
-            self._pending_calls = int(self.pending_calls)
-            self._pending_count = float(self.pending_count)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Next to the version, in the state_dict's metadata, so a load can refuse a
+        # checkpoint of another configuration before copying anything.
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {}).update(dim=self.dim, variant=self.variant)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for key in ("dim", "variant"):
+            if key in local_metadata and local_metadata[key] != getattr(self, key):
+                raise RuntimeError(
+                    f"cannot load a DirectPredHead checkpoint with {key}={local_metadata[key]!r} into a head with "
+                    f"{key}={getattr(self, key)!r} ({prefix or 'the head'}); build the head with the "
+                    "checkpoint's settings."
+                )
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, Tensor) and weight.shape != self.weight.shape:
+            raise RuntimeError(
+                f"cannot load a DirectPredHead checkpoint with dim={weight.shape[-1]} into a head with "
+                f"dim={self.dim} ({prefix or 'the head'})."
+            )
+        self._fill_optional_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._reset_host_state()
+        self._generation = 1  # W_p was overwritten: snapshots of the old one are stale
+
+    def _fill_optional_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Make checkpoints of version 1 and of other refresh strategies load.
+
+        Version 1 had no pool buffers when ``calls_per_update == 1``, no step and refresh
+        counters, and kept an optional warm start in the refresh strategy. None of it is
+        needed to continue exactly: pools start empty, ``refreshed_at`` is ``num_updates``,
+        and a strategy's own state (another strategy's warm start, auto's measured choice)
+        is dropped or re-derived. The state everything depends on stays required.
+        """
+        own = self.state_dict(prefix=prefix, keep_vars=True)
+        for key in [k for k in state_dict if k.startswith(prefix + "refresher.") and k not in own]:
+            del state_dict[key]
+        updates = state_dict.get(prefix + "num_updates")
+        for key, value in own.items():
+            name = key[len(prefix):]
+            if key in state_dict or not (name in _OPTIONAL_STATE or name.startswith(("pending_", "refresher."))):
+                continue
+            if name == "refreshed_at" and isinstance(updates, Tensor):
+                state_dict[key] = updates.clone()
+            elif name.startswith("pending_"):
+                state_dict[key] = torch.zeros_like(value)
+            else:
+                state_dict[key] = value.detach().clone() if isinstance(value, Tensor) else value
 
     def __getstate__(self):
-        # Pickling (torch.save of a whole model, copy.deepcopy) drops the caches: the copy
-        # of W_p is remade on first use, the last batch is reduced to its collapse value.
-        self.last_collapse
+        # Pickling (torch.save of a whole model, copy.deepcopy) drops the host caches.
         state = super().__getstate__().copy()
-        state.update(_applied=None, _applied_key=None, _collapse_batch=None)
+        state.update(_snapshot=None, _lagged=_LaggedCounters())
         return state
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, variant={self.variant!r}, rho={self.rho}, eps={self.eps}, "
-            f"freq={self.freq}, trainable={self.trainable}, refresh={self.refresh_strategy!r}"
+            f"freq={self.freq}, calls_per_update={self.calls_per_update!r}, trainable={self.trainable}, "
+            f"refresh={self.refresh_strategy!r}"
         )
 
 
-class _LaggedCounters:
-    """Device counters copied to the host without waiting, read once they have arrived.
+def _all_reduce_pool_(pool: Pool, group: Optional[Any]) -> None:
+    """One collective for the whole pool: ``[outer | total | count]``."""
+    dim = pool.total.shape[0]
+    packed = torch.cat([pool.outer.flatten(), pool.total, pool.count.reshape(1)])
+    all_reduce_sum_(packed, group)
+    pool.outer.copy_(packed[: dim * dim].view(dim, dim))
+    pool.total.copy_(packed[dim * dim : dim * dim + dim])
+    pool.count.copy_(packed[-1])
 
-    On CUDA the copy goes to pinned memory with ``non_blocking=True`` and an event marks
-    its completion; a new copy is only issued after the previous one was read, so the
-    host never reads a buffer that is still being written. Elsewhere the copy is
-    immediate. Not pickled: a copied head starts without a pending snapshot.
+
+class _LaggedCounters:
+    """Device counters on their way to the host, without waiting for the device.
+
+    On the CPU they are read right away (that costs nothing). On an accelerator each update
+    copies them to pinned memory with ``non_blocking=True`` and records an event; the next
+    update reads that copy (by then the event has long completed, so waiting on it costs
+    nothing) and issues a new one: the host learns them one update late. ``lagged=True``
+    forces the accelerator behaviour on the CPU, for tests. Not pickled.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lagged: Optional[bool] = None) -> None:
+        self.lagged = lagged
         self._host: Optional[Tensor] = None
         self._event: Optional[Any] = None
-        self._issued = 0
-        self._pending = False
 
-    def offer(self, counters: Tensor, issued: int) -> None:
-        if self._pending:
-            return
-        if counters.device.type == "cuda":
+    def exchange(self, counters: Tensor) -> Optional[List[int]]:
+        """Send ``counters`` towards the host; return the newest values that arrived (or None)."""
+        lagged = counters.device.type != "cpu" if self.lagged is None else self.lagged
+        if not lagged:
+            return counters.tolist()
+        arrived = None
+        if self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            arrived = self._host.tolist()
+        if counters.device.type == "cpu":
+            self._host = counters.clone()
+        else:
             if self._host is None or self._host.shape != counters.shape:
                 self._host = torch.empty(counters.shape, dtype=counters.dtype, pin_memory=True)
             self._host.copy_(counters, non_blocking=True)
-            self._event = torch.cuda.Event()
+            self._event = torch.Event(device=counters.device)
             self._event.record()
-        else:
-            self._host = counters.detach().clone()
-            self._event = None
-        self._issued = issued
-        self._pending = True
-
-    def take(self):
-        if not self._pending or (self._event is not None and not self._event.query()):
-            return None
-        self._pending = False
-        return self._host.tolist(), self._issued
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
+        return arrived
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _check_int(name: str, value: Any, *, minimum: int, also: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' ' + also if also else ''}, got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value: Any, lower: float, upper: float, *,
+                lower_open: bool = False, upper_open: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lower if lower_open else value >= lower) and (value < upper if upper_open else value <= upper)
+    if not ok:
+        interval = f"{'(' if lower_open else '['}{lower}, {upper}{')' if upper_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
