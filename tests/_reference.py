@@ -69,15 +69,20 @@ class ReferenceHead:
 # --- matrix-product predictors ("The Edge of Orthogonality", Richemond et al. 2023) ---
 
 
+def coupled_newton_schulz(a: np.ndarray, steps: int):
+    """(A_n, B_n) from A_0 = a, B_0 = I, T = (3I - B A) / 2, A <- A T, B <- T B."""
+    b = np.eye(len(a))
+    for _ in range(steps):
+        t = (3 * np.eye(len(a)) - b @ a) / 2
+        a, b = a @ t, t @ b
+    return a, b
+
+
 def ns_sqrt(sigma: np.ndarray, steps: int = 9) -> np.ndarray:
     f = np.linalg.norm(sigma)
     if f == 0:
         return np.zeros_like(sigma)
-    a, b = sigma / f, np.eye(len(sigma))
-    for _ in range(steps):
-        t = (3 * np.eye(len(sigma)) - b @ a) / 2
-        a, b = a @ t, t @ b
-    return a * np.sqrt(f)
+    return coupled_newton_schulz(sigma / f, steps)[0] * np.sqrt(f)
 
 
 def ns_fourth_root(sigma: np.ndarray, steps: int = 7) -> np.ndarray:
@@ -89,10 +94,7 @@ def stiefel(sigma: np.ndarray, steps: int = 9) -> np.ndarray:
     f = np.linalg.norm(gram)
     if f == 0:
         return np.zeros_like(sigma)
-    a, b = gram / f, np.eye(len(sigma))
-    for _ in range(steps):
-        t = (3 * np.eye(len(sigma)) - b @ a) / 2
-        a, b = a @ t, t @ b
+    b = coupled_newton_schulz(gram / f, steps)[1]
     return b @ sigma.T / np.linalg.norm(b)
 
 
