@@ -75,9 +75,9 @@ def newton_schulz_sqrt(sigma: Tensor, steps: int = 9) -> Tensor:
     ``Sigma^(1/2)``. Costs ``3 * steps - 1`` matrix products.
 
     Per eigenvalue ``lambda`` with ``a = lambda / ||Sigma||_F``, the result is
-    ``sqrt(lambda) * s_n`` where ``s_0 = sqrt(a)`` and ``s <- s (3 - s^2) / 2``: the
-    relative error is below 1e-6 once ``a >~ 0.01`` (9 steps); much smaller eigenvalues
-    come out as about ``1.5^n * lambda / sqrt(||Sigma||_F)``.
+    ``sqrt(lambda) * s_n`` where ``s_0 = sqrt(a)`` and ``s <- s (3 - s^2) / 2``. After 9
+    steps the relative error is 4e-6 at ``a = 0.01`` and 3e-14 at ``a = 0.03``; much
+    smaller eigenvalues come out as about ``1.5^n * lambda / sqrt(||Sigma||_F)``.
 
     - [0]: Richemond et al., "The Edge of Orthogonality", ICML 2023,
       https://arxiv.org/abs/2302.04817
