@@ -102,8 +102,11 @@ class IsoLoss(nn.Module):
         return self._cosine(z, p, z_target)
 
     def _cosine(self, z: Tensor, p: Tensor, z_target: Tensor) -> Tensor:
+        weight = self.head.weight.detach()
+        if weight.dtype not in (torch.float32, torch.float64):  # eigh has no half-precision kernels
+            weight = weight.float()
         with torch.no_grad():
-            root = symmetric_psd_sqrt(self.head.weight.detach().to(z.dtype))
+            root = symmetric_psd_sqrt(weight).to(z.dtype)
         p = p.detach()
         p_norm = p.norm(dim=1)
         t_norm = z_target.norm(dim=1)

@@ -97,6 +97,16 @@ def test_works_with_any_module_with_a_square_weight():
     assert linear.weight.grad is None  # W_p's root is a statistic: no gradient into the head
 
 
+def test_half_precision_inputs_and_weight():
+    head = warmed_head().to(torch.bfloat16)
+    z, z_target = batch(seed=7)
+    z = z.detach().to(torch.bfloat16).requires_grad_(True)
+    p = head(z)
+    loss = IsoLoss(head)(z, p, z_target.to(torch.bfloat16))
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and torch.isfinite(z.grad.float()).all()
+
+
 def test_symmetric_psd_sqrt_symmetrises_and_clamps():
     w = torch.tensor([[4.0, 2.0], [0.0, -9.0]], dtype=torch.float64)
     root = symmetric_psd_sqrt(w)
