@@ -64,3 +64,50 @@ class ReferenceHead:
             outputs.append(self.output(z))
             self.fold(z)
         return outputs
+
+
+# --- matrix-product predictors ("The Edge of Orthogonality", Richemond et al. 2023) ---
+
+
+def coupled_newton_schulz(a: np.ndarray, steps: int):
+    """(A_n, B_n) from A_0 = a, B_0 = I, T = (3I - B A) / 2, A <- A T, B <- T B."""
+    b = np.eye(len(a))
+    for _ in range(steps):
+        t = (3 * np.eye(len(a)) - b @ a) / 2
+        a, b = a @ t, t @ b
+    return a, b
+
+
+def ns_sqrt(sigma: np.ndarray, steps: int = 9) -> np.ndarray:
+    f = np.linalg.norm(sigma)
+    if f == 0:
+        return np.zeros_like(sigma)
+    return coupled_newton_schulz(sigma / f, steps)[0] * np.sqrt(f)
+
+
+def ns_fourth_root(sigma: np.ndarray, steps: int = 7) -> np.ndarray:
+    return ns_sqrt(ns_sqrt(sigma, steps), steps)
+
+
+def stiefel(sigma: np.ndarray, steps: int = 9) -> np.ndarray:
+    gram = sigma.T @ sigma
+    f = np.linalg.norm(gram)
+    if f == 0:
+        return np.zeros_like(sigma)
+    b = coupled_newton_schulz(gram / f, steps)[1]
+    return b @ sigma.T / np.linalg.norm(b)
+
+
+def visser(sigma: np.ndarray, steps: int = 9, eta: float = 0.5) -> np.ndarray:
+    f = np.linalg.norm(sigma)
+    if f == 0:
+        return np.zeros_like(sigma)
+    a, p = sigma / f, np.eye(len(sigma)) / (2 * eta)
+    for _ in range(steps):
+        p = p + eta * (a - p @ p)
+    return p * np.sqrt(f)
+
+
+def neumann(z: np.ndarray, z_target: np.ndarray) -> np.ndarray:
+    n = len(z)
+    return 2 * z.T @ z_target / n - (z.T @ z / n) @ (z.T @ z_target / n)
