@@ -11,6 +11,8 @@ from .functional import (
     eigenspace_alignment,
 )
 from .head import DirectPredHead
+from .losses import IsoLoss
+from .predictors import PREDICTORS, create_predictor
 from .refresh import REFRESH_STRATEGIES
 from .rules import VARIANTS
 
@@ -18,6 +20,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DirectPredHead",
+    "IsoLoss",
+    "create_predictor",
+    "PREDICTORS",
     "VARIANTS",
     "REFRESH_STRATEGIES",
     "directpred_weight",

@@ -401,7 +401,8 @@ class DirectPredHead(nn.Module):
         candidate, ok = strategy(stats, VARIANTS[self.variant], self.rule_options)
         candidate = candidate.to(self.weight.dtype)
         if self.weight_momentum:
-            momentum = torch.where(self.refreshed_at > 0, self.weight_momentum, 0.0).to(candidate.dtype)
+            none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9
+            momentum = torch.where(self.refreshed_at > 0, none + self.weight_momentum, none)
             candidate = momentum * self.weight.detach() + (1 - momentum) * candidate
         use = ok & changed
         self.weight.copy_(torch.where(use, candidate, self.weight.detach()))

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from .matmul_predictors import newton_schulz_fourth_root, newton_schulz_sqrt, stiefel_predictor, visser_sqrt
+
 __all__ = [
     "RuleOptions",
     "Variant",
@@ -118,9 +120,28 @@ def _directset_power(options: RuleOptions) -> Optional[float]:
     return None if options.eps_inside else options.alpha
 
 
+def _matmul_rule(predictor: Callable[[Tensor], Tensor]) -> Callable[[Tensor, RuleOptions], Tensor]:
+    """An Edge-of-Orthogonality predictor as a rule: ``P(stats) + eps I`` (``eps = 0``: the pure rule)."""
+
+    def rule(stats: Tensor, options: RuleOptions) -> Tensor:
+        weight = predictor(stats)
+        if options.eps:
+            weight = weight + options.eps * torch.eye(stats.shape[-1], dtype=stats.dtype, device=stats.device)
+        return weight
+
+    rule.__name__ = rule.__qualname__ = f"{predictor.__name__}_rule"
+    rule.__doc__ = f"{predictor.__name__} on the normalised statistics, plus ``eps * I``."
+    return rule
+
+
 #: Closed-form predictor rules by name; ``DirectPredHead(variant=...)`` looks them up here.
 VARIANTS: Dict[str, Variant] = {
     "directpred": Variant(directpred_rule, _fixed_power(0.5), "U diag(sqrt(s / max s) + eps) U^T"),
     "directcopy": Variant(directcopy_rule, _fixed_power(1.0), "F / lambda_max + eps I"),
     "directset": Variant(directset_rule, _directset_power, "U diag((s / max s)^alpha + eps) U^T"),
+    # Richemond et al., "The Edge of Orthogonality", ICML 2023: matrix products only
+    "ns": Variant(_matmul_rule(newton_schulz_sqrt), None, "coupled Newton-Schulz, 9 steps: ~ F^(1/2)"),
+    "ns2": Variant(_matmul_rule(newton_schulz_fourth_root), None, "two Newton-Schulz passes, 7 steps each: ~ F^(1/4)"),
+    "stiefel": Variant(_matmul_rule(stiefel_predictor), None, "Newton-Schulz on F^T F: B F^T / ||B||_F, B ~ (F^T F)^(-1/2)"),
+    "visser": Variant(_matmul_rule(visser_sqrt), None, "Visser iteration P <- P + eta (F - P^2), 9 steps: ~ F^(1/2)"),
 }

@@ -111,3 +111,18 @@ def visser(sigma: np.ndarray, steps: int = 9, eta: float = 0.5) -> np.ndarray:
 def neumann(z: np.ndarray, z_target: np.ndarray) -> np.ndarray:
     n = len(z)
     return 2 * z.T @ z_target / n - (z.T @ z / n) @ (z.T @ z_target / n)
+
+
+def directset_matrix(m: np.ndarray, eps: float, alpha: float, eps_inside: bool = False) -> np.ndarray:
+    """DirectSet(alpha): U diag((max(s, 0) / max s)^alpha + eps) U^T, or eps inside the power."""
+    s, u = np.linalg.eigh(m)
+    top = s.max()
+    ratio = np.maximum(s, 0) / top if top > 0 else np.zeros_like(s)
+    p = (ratio + eps) ** alpha if eps_inside else ratio**alpha + eps
+    return u @ np.diag(p) @ u.T
+
+
+def normalised(m: np.ndarray, ridge: float = 0.0) -> np.ndarray:
+    """The statistics every rule reads: divided by the largest absolute entry, plus ridge * I."""
+    top = np.abs(m).max()
+    return (m / top if top > 0 else m) + ridge * np.eye(len(m))

@@ -1,0 +1,119 @@
+"""The closed-form family inside the head, and the one factory for predictors by name."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _reference import directcopy_matrix, directpred_matrix, directset_matrix, normalised, ns_fourth_root, ns_sqrt, stiefel, visser
+from directpred_plugin import PREDICTORS, VARIANTS, DirectPredHead, create_predictor
+from directpred_plugin.functional import eigenspace_alignment
+from directpred_plugin.predictors import closed_form_predictors
+
+DIM = 10
+
+
+def _batches(n=4, batch=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(DIM, DIM, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2.0, DIM, dtype=torch.float64)
+    return [torch.randn(batch, DIM, generator=gen, dtype=torch.float64) @ mixing for _ in range(n)]
+
+
+# Independent NumPy re-statements of each member on the normalised statistics (eps = 0 in the head).
+PURE_RULES = {
+    "directpred": lambda m: directpred_matrix(m, 0.0),
+    "directcopy": lambda m: directcopy_matrix(m, 0.0),
+    "directset": lambda m: directset_matrix(m, 0.0, 0.25),
+    "ns": ns_sqrt,
+    "ns2": ns_fourth_root,
+    "stiefel": stiefel,
+    "visser": visser,
+}
+
+
+def test_every_variant_has_an_independent_reference():
+    assert set(PURE_RULES) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
+def test_head_weight_is_the_members_pure_rule_on_normalised_statistics(variant, ridge):
+    head = DirectPredHead(DIM, variant=variant, eps=0.0, ridge=ridge, alpha=0.25, rho=0.3,
+                          stats_dtype=torch.float64, refresh="exact")
+    corr = None
+    for z in _batches():
+        head(z.clone().requires_grad_(True))
+        c = (z.T @ z / len(z)).numpy()
+        corr = c if corr is None else 0.3 * corr + 0.7 * c
+    expected = PURE_RULES[variant](normalised(corr, ridge))
+    np.testing.assert_allclose(head.weight.numpy(), expected, rtol=1e-8, atol=1e-10)
+    # every member shares the eigenvectors of the statistics it was built from
+    assert float(eigenspace_alignment(head.weight, head.corr)) == pytest.approx(1.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_weight_is_invariant_to_the_scale_of_the_input(variant):
+    heads = [DirectPredHead(DIM, variant=variant, stats_dtype=torch.float64, refresh="exact") for _ in range(2)]
+    for z in _batches(3):
+        heads[0](z.clone().requires_grad_(True))
+        heads[1]((z * 1e6).requires_grad_(True))
+    torch.testing.assert_close(heads[0].weight, heads[1].weight, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha, eps_inside", [(0.5, False), (1.0, False), (0.25, True), (2.0, False)])
+def test_directset_powers_and_eps_placement(alpha, eps_inside):
+    head = DirectPredHead(DIM, variant="directset", alpha=alpha, eps=0.05, eps_inside=eps_inside,
+                          stats_dtype=torch.float64, refresh="exact")
+    z = _batches(1)[0]
+    head(z.clone().requires_grad_(True))
+    expected = directset_matrix(normalised((z.T @ z / len(z)).numpy()), 0.05, alpha, eps_inside)
+    np.testing.assert_allclose(head.weight.numpy(), expected, rtol=1e-9, atol=1e-12)
+    if alpha == 0.5 and not eps_inside:
+        plain = DirectPredHead(DIM, eps=0.05, stats_dtype=torch.float64, refresh="exact")
+        plain(z.clone().requires_grad_(True))
+        torch.testing.assert_close(head.weight, plain.weight)
+
+
+def test_weight_momentum_averages_successive_rules():
+    head = DirectPredHead(DIM, variant="ns", weight_momentum=0.9, rho=0.0, eps=0.0,
+                          stats_dtype=torch.float64, refresh="exact")
+    batches = _batches(2)
+    head(batches[0].clone().requires_grad_(True))
+    first = ns_sqrt(normalised((batches[0].T @ batches[0] / len(batches[0])).numpy()))
+    np.testing.assert_allclose(head.weight.numpy(), first, rtol=1e-9, atol=1e-12)  # first refresh: no average
+    head(batches[1].clone().requires_grad_(True))
+    second = ns_sqrt(normalised((batches[1].T @ batches[1] / len(batches[1])).numpy()))
+    np.testing.assert_allclose(head.weight.numpy(), 0.9 * first + 0.1 * second, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("alpha", -1.0, "alpha"), ("ridge", -0.1, "ridge"), ("weight_momentum", 1.0, "weight_momentum"),
+    ("eps_inside", "yes", "eps_inside"),
+])
+def test_family_options_are_checked(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        DirectPredHead(DIM, **{name: options})
+
+
+def test_factory_builds_every_registered_name():
+    for name in PREDICTORS:
+        module = create_predictor(name, DIM, hidden_dim=16)
+        out = module.train()(torch.randn(8, DIM, requires_grad=True))
+        assert out.shape == (8, DIM), name
+        assert isinstance(module, DirectPredHead) == (name in closed_form_predictors()), name
+    assert set(VARIANTS) <= set(closed_form_predictors())
+
+
+def test_factory_defaults_and_overrides():
+    assert create_predictor("directpred", DIM).eps == 0.01
+    ns = create_predictor("ns", DIM)
+    assert (ns.variant, ns.rho, ns.eps) == ("ns", 0.0, 0.0)  # per-batch statistics, pure rule
+    assert create_predictor("ns", DIM, rho=0.5).rho == 0.5
+    hybrid = create_predictor("directpred-hybrid", DIM)
+    assert hybrid.trainable and hybrid.freq == 5
+    assert isinstance(create_predictor("linear", DIM), nn.Linear)
+    assert create_predictor("mlp", DIM).__class__.__name__ == "BYOLPredictionHead"
+    with pytest.raises(ValueError, match="registered predictors"):
+        create_predictor("bogus", DIM)
+    with pytest.raises(ValueError, match="no options"):
+        create_predictor("none", DIM, eps=0.1)
