@@ -3,6 +3,7 @@
 import builtins
 import csv
 import importlib.util
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,37 @@ def test_prediction_head_is_square_and_follows_lightly_conventions():
         DirectPredPredictionHead(input_dim=256, output_dim=128)
 
 
+@pytest.mark.parametrize("lightly_head", [BYOLPredictionHead, SimSiamPredictionHead, NNCLRPredictionHead])
+def test_prediction_head_takes_the_positional_arguments_of_the_head_it_replaces(lightly_head):
+    defaults = inspect.signature(lightly_head).parameters
+    args = [defaults[name].default for name in ("input_dim", "hidden_dim", "output_dim")]
+    head = DirectPredPredictionHead(*args)
+    assert head.dim == args[0] and head.weight.shape == (args[0], args[0])  # hidden_dim plays no part
+    assert DirectPredPredictionHead(*args[:2]).dim == args[0]
+    with pytest.raises(ValueError, match=r"maps input_dim to itself \(got input_dim=16, output_dim=8\)"):
+        DirectPredPredictionHead(16, 64, 8)
+
+
+def test_prediction_head_defaults_to_the_module_default_update_rule():
+    assert DirectPredPredictionHead(8).calls_per_update == adapter.DEFAULT_CALLS_PER_UPDATE
+    assert DirectPredPredictionHead(8, calls_per_update=3).calls_per_update == 3
+    (replaced,) = replace_prediction_heads(_wrap(BYOLPredictionHead(8, 16, 8)))
+    assert replaced.new.calls_per_update == adapter.DEFAULT_CALLS_PER_UPDATE
+
+
 # --------------------------------------------------------------------- training in Lightning
+def test_renamed_byol_head_trains_in_a_lightning_trainer(tmp_path):
+    """BYOLPredictionHead(DIM, 32, DIM) -> DirectPredPredictionHead(DIM, 32, DIM), nothing else."""
+    model = byol_class(pytorch_lightning)()
+    recorder = StepRecorder()
+    trainer = fit(pytorch_lightning, model, tmp_path, max_steps=3, callbacks=[recorder])
+    assert trainer.global_step == 3 and all(torch.isfinite(torch.tensor(recorder.losses)))
+    head = model.prediction_head
+    assert type(head) is DirectPredPredictionHead and list(head.parameters()) == []
+    assert int(head.num_updates) >= 3 and (head.weight - torch.eye(DIM)).abs().max() > 0.05
+
+
+
 def test_lightly_byol_trains_with_directpred_head(tmp_path):
     model = byol_class(pytorch_lightning)(calls_per_update=2)
     recorder = StepRecorder()
@@ -138,6 +169,11 @@ def test_swap_rejects_what_it_cannot_replace():
     with pytest.raises(ValueError, match="head_types"):
         replace_prediction_heads(_wrap(nn.ReLU()), head_types=["ReLU"])
     assert replace_prediction_heads(_wrap(nn.Linear(3, 3))) == []
+
+
+def test_swap_takes_one_class_as_head_types():
+    (replaced,) = replace_prediction_heads(_wrap(nn.Linear(4, 4)), head_types=nn.Linear)
+    assert replaced.name == "head" and replaced.new.dim == 4
 
 
 def _wrap(module):
@@ -313,6 +349,13 @@ def test_adapter_imports_without_lightly_or_lightning(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.DirectPredPredictionHead(4).dim == 4
+
+
+def test_star_import_exports_the_callback():
+    namespace = {}
+    exec("from directpred_plugin.lightly import *", namespace)
+    assert namespace["DirectPredDiagnostics"] is DirectPredDiagnostics
+    assert namespace["DirectPredPredictionHead"] is DirectPredPredictionHead
 
 
 def test_callback_class_is_one_class_for_both_flavours():
