@@ -15,12 +15,11 @@ Set ``DIRECTPRED_SOLO_AUTOREGISTER=0`` to turn this off (solo-learn then builds 
 predictors whatever the config says, unless ``register()`` is called explicitly).
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
-# Not `typing.TYPE_CHECKING`: importing typing alone would double this module's start-up cost.
+# Not `typing.TYPE_CHECKING`, nor `from __future__ import annotations`: importing typing or
+# __future__ would cost more than the rest of this module. Annotations are strings instead.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
@@ -34,7 +33,7 @@ OFF_VALUES = ("0", "false", "no", "off")
 TRIGGER_MODULE = "solo.methods"
 
 
-def enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
+def enabled(environ: "Optional[Mapping[str, str]]" = None) -> bool:
     """Whether the automatic registration is on (it is unless :data:`OPT_OUT_ENV` says off)."""
     value = (os.environ if environ is None else environ).get(OPT_OUT_ENV, "")
     return value.strip().lower() not in OFF_VALUES
@@ -43,17 +42,17 @@ def enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
 class _RegisteringLoader:
     """Runs the real loader of ``solo.methods``, then registers DirectPred."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: "Any") -> None:
         self._loader = loader
 
-    def create_module(self, spec: Any) -> Optional[ModuleType]:
+    def create_module(self, spec: "Any") -> "Optional[ModuleType]":
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         self._loader.exec_module(module)
         _register()
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> "Any":
         # get_source, get_resource_reader, ...: what tools ask of the real loader
         return getattr(self._loader, name)
 
@@ -65,7 +64,9 @@ class SoloMethodsFinder:
     module is found and executed exactly as without the hook.
     """
 
-    def find_spec(self, fullname: str, path: Optional[Sequence[str]] = None, target: Optional[ModuleType] = None) -> Any:
+    def find_spec(
+        self, fullname: str, path: "Optional[Sequence[str]]" = None, target: "Optional[ModuleType]" = None
+    ) -> "Any":
         if fullname != TRIGGER_MODULE:
             return None
         for finder in sys.meta_path:
