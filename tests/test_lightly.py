@@ -383,11 +383,32 @@ def test_recipe_smoke_on_digits(tmp_path, monkeypatch, name):
     ])
     assert trainer.global_step == 2
     head = model.prediction_head
-    assert isinstance(head, DirectPredPredictionHead) and int(head.num_updates) == 2
+    # Two views per step: one update per step where the calls of a step are pooled.
+    assert isinstance(head, DirectPredPredictionHead)
+    assert int(head.num_updates) == (2 if head.calls_per_update in ("auto", 2) else 4)
     assert not any(isinstance(m, (BYOLPredictionHead, SimSiamPredictionHead)) for m in model.modules())
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     metrics = next(Path(tmp_path).rglob("metrics.csv")).read_text()
     assert "directpred/prediction_head/alignment" in metrics
+
+
+def test_recipe_short_run_still_logs_and_says_where(tmp_path, monkeypatch, capsys):
+    recipe = _load_recipe("byol", monkeypatch)
+    # 2 steps, fewer than the default --log-every (50)
+    trainer, _ = recipe.main(["--max-steps", "2", "--batch-size", "4", "--num-workers", "0",
+                              "--accelerator", "cpu", "--output-dir", str(tmp_path)])
+    assert trainer.global_step == 2
+    (metrics,) = Path(tmp_path).rglob("metrics.csv")
+    with open(metrics, newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("directpred/prediction_head/alignment")]
+    assert steps == [2]
+    assert f"(every 2 steps) were logged to {metrics.parent}" in capsys.readouterr().out
+
+
+def test_recipe_logging_interval_fits_the_run(monkeypatch):
+    _load_recipe("byol", monkeypatch)
+    interval = importlib.import_module("_recipe").logging_interval
+    assert interval(50, 7, -1) == 7 and interval(50, 7, 3) == 3 and interval(5, 7, -1) == 5
 
 
 def test_recipe_data_falls_back_to_digits_offline(tmp_path, monkeypatch):
@@ -395,6 +416,15 @@ def test_recipe_data_falls_back_to_digits_offline(tmp_path, monkeypatch):
     data = importlib.import_module("_recipe")
     with pytest.warns(RuntimeWarning, match="digits"):
         dataset = data.load_dataset("cifar10", str(tmp_path), False, lambda name: name)
+    # An offline --download into a new folder leaves nothing behind.
+    def offline(root, **kwargs):
+        Path(root).mkdir(parents=True)  # as torchvision does before it downloads
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(data.torchvision.datasets, "CIFAR10", offline)
+    with pytest.warns(RuntimeWarning, match="offline"):
+        data.load_dataset("cifar10", str(tmp_path / "new" / "cifar"), True, lambda name: name)
+    assert not (tmp_path / "new").exists()
     assert isinstance(dataset, data.Digits) and len(dataset) == 1797
     image, label = data.Digits()[0]
     assert image.size == (32, 32) and image.mode == "RGB" and label == 0
