@@ -5,8 +5,8 @@
 - :func:`replace_prediction_heads`: swap the prediction heads of an existing model in place.
 - ``DirectPredDiagnostics``: a Lightning callback logging the heads' diagnostics.
 
-lightly and Lightning are imported only by the parts that need them; install them with
-``pip install "directpred-plugin[lightly]"``.
+lightly and Lightning are imported only by the parts that need them; they come with the
+package's ``lightly`` extra (see :data:`INSTALL_HINT`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from torch import nn
 
 from .head import DirectPredHead
 
-INSTALL_HINT = 'pip install "directpred-plugin[lightly]"'
+#: How to get the ``lightly`` extra; the package is not on PyPI yet.
+INSTALL_HINT = (
+    'pip install -e ".[lightly]" in a checkout of directpred-plugin, '
+    'or pip install "directpred-plugin[lightly] @ git+<repository URL>"'
+)
 
 #: Names of the classes in ``lightly.models.modules.heads`` that :func:`replace_prediction_heads`
 #: swaps by default. BYOL's and SimSiam's predictors (FastSiam reuses SimSiam's) are the

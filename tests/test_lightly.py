@@ -329,7 +329,7 @@ def _hide_modules(monkeypatch, *roots):
 
 def test_swap_without_lightly_names_the_extra(monkeypatch):
     _hide_modules(monkeypatch, "lightly")
-    with pytest.raises(ImportError, match=r'pip install "directpred-plugin\[lightly\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[lightly\]" in a checkout'):
         replace_prediction_heads(ManyHeads())
     # The head itself and an explicit head_types need no lightly.
     assert DirectPredPredictionHead(8).dim == 8
@@ -338,7 +338,7 @@ def test_swap_without_lightly_names_the_extra(monkeypatch):
 
 def test_callback_without_lightning_names_the_extra(monkeypatch):
     _hide_modules(monkeypatch, "lightning", "pytorch_lightning")
-    with pytest.raises(ImportError, match=r'pip install "directpred-plugin\[lightly\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[lightly\]" in a checkout'):
         adapter._diagnostics_callback_class.__wrapped__()
 
 

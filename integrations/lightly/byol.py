@@ -8,7 +8,8 @@ folder's README. Runs offline on scikit-learn's digits by default, or on CIFAR-1
     python byol.py --dataset cifar10 --download        # into ./data (--data-dir)
     python byol.py --devices 2 --strategy ddp             # multi-GPU (or CPU) DDP
 
-Requires: pip install "directpred-plugin[lightly]" scikit-learn
+Requires directpred-plugin with its lightly extra, and scikit-learn; from this folder of a
+checkout: pip install -e "../..[lightly]" scikit-learn
 """
 
 import copy

@@ -9,7 +9,8 @@ on CIFAR-10:
     python simsiam.py --dataset cifar10 --download        # into ./data (--data-dir)
     python simsiam.py --devices 2 --strategy ddp          # multi-GPU (or CPU) DDP
 
-Requires: pip install "directpred-plugin[lightly]" scikit-learn
+Requires directpred-plugin with its lightly extra, and scikit-learn; from this folder of a
+checkout: pip install -e "../..[lightly]" scikit-learn
 """
 
 
