@@ -5,21 +5,25 @@
 - :func:`replace_prediction_heads`: swap the prediction heads of an existing model in place.
 - ``DirectPredDiagnostics``: a Lightning callback logging the heads' diagnostics.
 
-lightly and Lightning are imported only by the parts that need them; install them with
-``pip install "directpred-plugin[lightly]"``.
+lightly and Lightning are imported only by the parts that need them; they come with the
+package's ``lightly`` extra (see :data:`INSTALL_HINT`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
 from .head import DirectPredHead
 
-INSTALL_HINT = 'pip install "directpred-plugin[lightly]"'
+#: How to get the ``lightly`` extra; the package is not on PyPI yet.
+INSTALL_HINT = (
+    'pip install -e ".[lightly]" in a checkout of directpred-plugin, '
+    'or pip install "directpred-plugin[lightly] @ git+<repository URL>"'
+)
 
 #: Names of the classes in ``lightly.models.modules.heads`` that :func:`replace_prediction_heads`
 #: swaps by default. BYOL's and SimSiam's predictors (FastSiam reuses SimSiam's) are the
@@ -39,38 +43,61 @@ LIGHTLY_PREDICTION_HEADS: Tuple[str, ...] = (
 _LIGHTNING_FLAVOURS: Tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning")
 
 
+#: ``calls_per_update`` of a :class:`DirectPredPredictionHead` built without it, and of the
+#: heads :func:`replace_prediction_heads` makes: the documented default is one update per
+#: training step, whatever the number of views.
+DEFAULT_CALLS_PER_UPDATE: int = 1
+
+
 class DirectPredPredictionHead(DirectPredHead):
     """Prediction head for BYOL/SimSiam set in closed form by DirectPred [0].
 
-    A drop-in for lightly's ``BYOLPredictionHead`` and ``SimSiamPredictionHead``: it maps
-    ``input_dim`` to ``input_dim`` with ``W_p`` computed from the correlation of its
-    input instead of an MLP trained by gradient. It has no parameters for the optimizer
-    (unless ``trainable=True``). All :class:`DirectPredHead` options are accepted as
-    keywords.
+    A drop-in for lightly's ``BYOLPredictionHead``, ``SimSiamPredictionHead`` and
+    ``NNCLRPredictionHead``: it takes their positional signature
+    ``(input_dim, hidden_dim, output_dim)``, so swapping is renaming the class. It maps
+    ``input_dim`` to ``input_dim`` with ``W_p`` computed from the correlation of its input
+    instead of an MLP trained by gradient, and has no parameters for the optimizer (unless
+    ``trainable=True``).
 
-    lightly's BYOL and SimSiam call the prediction head once per view. Pass
-    ``calls_per_update=2`` (the number of views) to make one update per training step
-    from both views, as the paper and the authors' code do; the default, 1, updates on
-    every call.
+    By default the head makes one update per training step, pooled over all the views a
+    step predicts (lightly's BYOL and SimSiam call the head once per view), as the paper
+    and the authors' code do.
 
     - [0]: Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics
       without contrastive pairs", ICML 2021, https://arxiv.org/abs/2102.06810
 
+    Args:
+        input_dim: Width of the projections the head predicts from (and of its output).
+        hidden_dim: Ignored: DirectPred has no hidden layer. Accepted so that the MLP
+            head's arguments can stay as they are.
+        output_dim: Must equal ``input_dim`` if given (``W_p`` is square).
+        calls_per_update: See :class:`DirectPredHead`.
+        **options: Any other :class:`DirectPredHead` option (``rho``, ``eps``, ``freq``, ...).
+
     Examples:
-        >>> # BYOL: replaces BYOLPredictionHead(256, 4096, 256)
-        >>> prediction_head = DirectPredPredictionHead(256, calls_per_update=2)
-        >>> # SimSiam: replaces SimSiamPredictionHead(2048, 512, 2048)
-        >>> prediction_head = DirectPredPredictionHead(2048, calls_per_update=2)
+        >>> # BYOL: was BYOLPredictionHead(256, 4096, 256)
+        >>> prediction_head = DirectPredPredictionHead(256, 4096, 256)
+        >>> # SimSiam: was SimSiamPredictionHead(2048, 512, 2048)
+        >>> prediction_head = DirectPredPredictionHead(2048, 512, 2048)
     """
 
-    def __init__(self, input_dim: int = 256, output_dim: Optional[int] = None, **options: Any) -> None:
+    def __init__(
+        self,
+        input_dim: int = 256,
+        hidden_dim: Optional[int] = None,
+        output_dim: Optional[int] = None,
+        *,
+        calls_per_update: int = DEFAULT_CALLS_PER_UPDATE,
+        **options: Any,
+    ) -> None:
+        del hidden_dim  # the MLP's width; DirectPred has no hidden layer
         if output_dim is not None and output_dim != input_dim:
             raise ValueError(
                 f"DirectPredPredictionHead maps input_dim to itself (got input_dim={input_dim}, "
                 f"output_dim={output_dim}): W_p = U diag(p) U^T is built from the eigenvectors of "
                 "the input's own correlation, so it is square. Set output_dim=input_dim or leave it out."
             )
-        super().__init__(input_dim, **options)
+        super().__init__(input_dim, calls_per_update=calls_per_update, **options)
 
 
 # --------------------------------------------------------------------------- swap helper
@@ -100,7 +127,7 @@ def lightly_prediction_head_types() -> Tuple[Type[nn.Module], ...]:
 def replace_prediction_heads(
     model: nn.Module,
     *,
-    head_types: Optional[Sequence[Type[nn.Module]]] = None,
+    head_types: Union[Type[nn.Module], Sequence[Type[nn.Module]], None] = None,
     **options: Any,
 ) -> List[ReplacedHead]:
     """Replace, in place, every lightly prediction head of ``model`` by a DirectPred head.
@@ -118,10 +145,9 @@ def replace_prediction_heads(
 
     Args:
         model: The model to modify.
-        head_types: Classes to replace, instead of lightly's predictors. Giving them means
-            lightly need not be installed.
-        **options: :class:`DirectPredHead` options for every new head, e.g.
-            ``calls_per_update=2`` for lightly's two-view BYOL/SimSiam.
+        head_types: A class, or a sequence of classes, to replace instead of lightly's
+            predictors. Giving them means lightly need not be installed.
+        **options: :class:`DirectPredHead` options for every new head, e.g. ``rho=0.5``.
 
     Returns:
         One :class:`ReplacedHead` ``(name, old, new)`` per replaced head, in module order.
@@ -133,11 +159,16 @@ def replace_prediction_heads(
 
     Examples:
         >>> model = BYOL()  # any model built with lightly's BYOLPredictionHead(256, 4096, 256)
-        >>> replaced = replace_prediction_heads(model, calls_per_update=2)
+        >>> replaced = replace_prediction_heads(model)
         >>> [(r.name, r.new.dim) for r in replaced]
         [('prediction_head', 256)]
     """
-    types = tuple(head_types) if head_types is not None else lightly_prediction_head_types()
+    if head_types is None:
+        types = lightly_prediction_head_types()
+    elif isinstance(head_types, type):
+        types = (head_types,)  # as isinstance() accepts one class or several
+    else:
+        types = tuple(head_types)
     if not types or not all(isinstance(t, type) for t in types):
         raise ValueError(f"head_types must be a non-empty sequence of classes, got {head_types!r}")
     if isinstance(model, types):
@@ -169,7 +200,7 @@ def _direct_pred_like(name: str, head: nn.Module, options: Dict[str, Any]) -> Di
         raise ValueError(f"cannot replace {name!r} ({type(head).__name__}): it has no nn.Linear to read its width from")
     first, last = linears[0], linears[-1]
     try:
-        new = DirectPredPredictionHead(first.in_features, last.out_features, **options)
+        new = DirectPredPredictionHead(first.in_features, output_dim=last.out_features, **options)
     except ValueError as err:
         raise ValueError(f"cannot replace {name!r} ({type(head).__name__}): {err}") from err
     # Statistics keep their dtype; only a trainable W_p follows the old head's dtype.
@@ -273,6 +304,13 @@ Examples:
 """
 
 
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback as _LightningCallback
+
+    class DirectPredDiagnostics(_DiagnosticsHooks, _LightningCallback):
+        """What :func:`_diagnostics_callback_class` builds, as type checkers should see it."""
+
+
 def __getattr__(name: str) -> Any:
     # Built on first access so that importing this module needs neither Lightning flavour.
     if name == "DirectPredDiagnostics":
@@ -286,6 +324,8 @@ def __dir__() -> List[str]:
 
 __all__ = [
     "DirectPredPredictionHead",
+    "DirectPredDiagnostics",
+    "DEFAULT_CALLS_PER_UPDATE",
     "ReplacedHead",
     "replace_prediction_heads",
     "lightly_prediction_head_types",

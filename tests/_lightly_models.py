@@ -47,8 +47,8 @@ def byol_class(pl):
             super().__init__()
             self.backbone = nn.Sequential(nn.Linear(INPUT_DIM, FEATURE_DIM), nn.ReLU())
             self.projection_head = BYOLProjectionHead(FEATURE_DIM, 32, DIM)
-            if head == "directpred":
-                self.prediction_head = DirectPredPredictionHead(DIM, **head_options)
+            if head == "directpred":  # the MLP line below with the class renamed
+                self.prediction_head = DirectPredPredictionHead(DIM, 32, DIM, **head_options)
             else:  # lightly's MLP, for the swap helper
                 self.prediction_head = BYOLPredictionHead(DIM, 32, DIM)
             self.backbone_momentum = copy.deepcopy(self.backbone)

@@ -3,6 +3,7 @@
 import builtins
 import csv
 import importlib.util
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,37 @@ def test_prediction_head_is_square_and_follows_lightly_conventions():
         DirectPredPredictionHead(input_dim=256, output_dim=128)
 
 
+@pytest.mark.parametrize("lightly_head", [BYOLPredictionHead, SimSiamPredictionHead, NNCLRPredictionHead])
+def test_prediction_head_takes_the_positional_arguments_of_the_head_it_replaces(lightly_head):
+    defaults = inspect.signature(lightly_head).parameters
+    args = [defaults[name].default for name in ("input_dim", "hidden_dim", "output_dim")]
+    head = DirectPredPredictionHead(*args)
+    assert head.dim == args[0] and head.weight.shape == (args[0], args[0])  # hidden_dim plays no part
+    assert DirectPredPredictionHead(*args[:2]).dim == args[0]
+    with pytest.raises(ValueError, match=r"maps input_dim to itself \(got input_dim=16, output_dim=8\)"):
+        DirectPredPredictionHead(16, 64, 8)
+
+
+def test_prediction_head_defaults_to_the_module_default_update_rule():
+    assert DirectPredPredictionHead(8).calls_per_update == adapter.DEFAULT_CALLS_PER_UPDATE
+    assert DirectPredPredictionHead(8, calls_per_update=3).calls_per_update == 3
+    (replaced,) = replace_prediction_heads(_wrap(BYOLPredictionHead(8, 16, 8)))
+    assert replaced.new.calls_per_update == adapter.DEFAULT_CALLS_PER_UPDATE
+
+
 # --------------------------------------------------------------------- training in Lightning
+def test_renamed_byol_head_trains_in_a_lightning_trainer(tmp_path):
+    """BYOLPredictionHead(DIM, 32, DIM) -> DirectPredPredictionHead(DIM, 32, DIM), nothing else."""
+    model = byol_class(pytorch_lightning)()
+    recorder = StepRecorder()
+    trainer = fit(pytorch_lightning, model, tmp_path, max_steps=3, callbacks=[recorder])
+    assert trainer.global_step == 3 and all(torch.isfinite(torch.tensor(recorder.losses)))
+    head = model.prediction_head
+    assert type(head) is DirectPredPredictionHead and list(head.parameters()) == []
+    assert int(head.num_updates) >= 3 and (head.weight - torch.eye(DIM)).abs().max() > 0.05
+
+
+
 def test_lightly_byol_trains_with_directpred_head(tmp_path):
     model = byol_class(pytorch_lightning)(calls_per_update=2)
     recorder = StepRecorder()
@@ -138,6 +169,11 @@ def test_swap_rejects_what_it_cannot_replace():
     with pytest.raises(ValueError, match="head_types"):
         replace_prediction_heads(_wrap(nn.ReLU()), head_types=["ReLU"])
     assert replace_prediction_heads(_wrap(nn.Linear(3, 3))) == []
+
+
+def test_swap_takes_one_class_as_head_types():
+    (replaced,) = replace_prediction_heads(_wrap(nn.Linear(4, 4)), head_types=nn.Linear)
+    assert replaced.name == "head" and replaced.new.dim == 4
 
 
 def _wrap(module):
@@ -293,7 +329,7 @@ def _hide_modules(monkeypatch, *roots):
 
 def test_swap_without_lightly_names_the_extra(monkeypatch):
     _hide_modules(monkeypatch, "lightly")
-    with pytest.raises(ImportError, match=r'pip install "directpred-plugin\[lightly\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[lightly\]" in a checkout'):
         replace_prediction_heads(ManyHeads())
     # The head itself and an explicit head_types need no lightly.
     assert DirectPredPredictionHead(8).dim == 8
@@ -302,7 +338,7 @@ def test_swap_without_lightly_names_the_extra(monkeypatch):
 
 def test_callback_without_lightning_names_the_extra(monkeypatch):
     _hide_modules(monkeypatch, "lightning", "pytorch_lightning")
-    with pytest.raises(ImportError, match=r'pip install "directpred-plugin\[lightly\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[lightly\]" in a checkout'):
         adapter._diagnostics_callback_class.__wrapped__()
 
 
@@ -313,6 +349,13 @@ def test_adapter_imports_without_lightly_or_lightning(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.DirectPredPredictionHead(4).dim == 4
+
+
+def test_star_import_exports_the_callback():
+    namespace = {}
+    exec("from directpred_plugin.lightly import *", namespace)
+    assert namespace["DirectPredDiagnostics"] is DirectPredDiagnostics
+    assert namespace["DirectPredPredictionHead"] is DirectPredPredictionHead
 
 
 def test_callback_class_is_one_class_for_both_flavours():
@@ -340,11 +383,32 @@ def test_recipe_smoke_on_digits(tmp_path, monkeypatch, name):
     ])
     assert trainer.global_step == 2
     head = model.prediction_head
-    assert isinstance(head, DirectPredPredictionHead) and int(head.num_updates) == 2
+    # Two views per step: one update per step where the calls of a step are pooled.
+    assert isinstance(head, DirectPredPredictionHead)
+    assert int(head.num_updates) == (2 if head.calls_per_update in ("auto", 2) else 4)
     assert not any(isinstance(m, (BYOLPredictionHead, SimSiamPredictionHead)) for m in model.modules())
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     metrics = next(Path(tmp_path).rglob("metrics.csv")).read_text()
     assert "directpred/prediction_head/alignment" in metrics
+
+
+def test_recipe_short_run_still_logs_and_says_where(tmp_path, monkeypatch, capsys):
+    recipe = _load_recipe("byol", monkeypatch)
+    # 2 steps, fewer than the default --log-every (50)
+    trainer, _ = recipe.main(["--max-steps", "2", "--batch-size", "4", "--num-workers", "0",
+                              "--accelerator", "cpu", "--output-dir", str(tmp_path)])
+    assert trainer.global_step == 2
+    (metrics,) = Path(tmp_path).rglob("metrics.csv")
+    with open(metrics, newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("directpred/prediction_head/alignment")]
+    assert steps == [2]
+    assert f"(every 2 steps) were logged to {metrics.parent}" in capsys.readouterr().out
+
+
+def test_recipe_logging_interval_fits_the_run(monkeypatch):
+    _load_recipe("byol", monkeypatch)
+    interval = importlib.import_module("_recipe").logging_interval
+    assert interval(50, 7, -1) == 7 and interval(50, 7, 3) == 3 and interval(5, 7, -1) == 5
 
 
 def test_recipe_data_falls_back_to_digits_offline(tmp_path, monkeypatch):
@@ -352,6 +416,15 @@ def test_recipe_data_falls_back_to_digits_offline(tmp_path, monkeypatch):
     data = importlib.import_module("_recipe")
     with pytest.warns(RuntimeWarning, match="digits"):
         dataset = data.load_dataset("cifar10", str(tmp_path), False, lambda name: name)
+    # An offline --download into a new folder leaves nothing behind.
+    def offline(root, **kwargs):
+        Path(root).mkdir(parents=True)  # as torchvision does before it downloads
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(data.torchvision.datasets, "CIFAR10", offline)
+    with pytest.warns(RuntimeWarning, match="offline"):
+        data.load_dataset("cifar10", str(tmp_path / "new" / "cifar"), True, lambda name: name)
+    assert not (tmp_path / "new").exists()
     assert isinstance(dataset, data.Digits) and len(dataset) == 1797
     image, label = data.Digits()[0]
     assert image.size == (32, 32) and image.mode == "RGB" and label == 0

@@ -2,8 +2,9 @@
 
 Option checks and the launcher's argument handling run everywhere. Everything else builds
 and trains real solo-learn methods and skips when solo-learn is not importable; the YAML
-and launcher tests also need a solo-learn checkout (SOLO_LEARN_ROOT, or the folder above an
-editable install of the `solo` package).
+and main_pretrain.py tests also need a solo-learn checkout (SOLO_LEARN_ROOT, or the folder
+above an editable install of the `solo` package). The start-up hook has its own tests in
+test_solo_autoregister.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from directpred_plugin.solo import (
     register,
 )
 from directpred_plugin.solo.launcher import SCRIPT_ENV, UsageError, main, resolve_script
+from _directpred_solo_autoregister import OPT_OUT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 INTEGRATION = REPO / "integrations" / "solo_learn"
@@ -442,11 +444,24 @@ def test_integration_configs_compose_with_solos_config_groups(solo_root, methods
     assert model.predictor.calls_per_update == 2
 
 
+MAIN_PRETRAIN_RUNS = {
+    # solo-learn's own command, the YAML key alone: the start-up hook registers in both ranks
+    "byol-ddp": dict(method="byol", devices=2, launcher=False),
+    "simsiam": dict(method="simsiam", devices=1, launcher=False),
+    # the launcher, for those who prefer it, works without the hook
+    "simsiam-launcher-no-hook": dict(method="simsiam", devices=1, launcher=True),
+}
+
+
 @pytest.mark.timeout(300)
-def test_launcher_runs_main_pretrain_under_two_process_ddp(solo_root, tmp_path):
-    """solo-learn's unmodified main_pretrain.py, our byol.yaml, Lightning DDP on 2 CPU processes."""
+@pytest.mark.parametrize("run_name", list(MAIN_PRETRAIN_RUNS))
+def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, run_name):
+    """solo-learn's unmodified main_pretrain.py with our YAML, in a fresh interpreter (and under
+    Lightning DDP on 2 CPU processes); nothing imports directpred_plugin explicitly."""
     from PIL import Image
 
+    run = MAIN_PRETRAIN_RUNS[run_name]
+    method, devices = run["method"], run["devices"]
     gen = torch.Generator().manual_seed(0)
     for label in ("a", "b"):
         folder = tmp_path / "train" / label
@@ -454,30 +469,36 @@ def test_launcher_runs_main_pretrain_under_two_process_ddp(solo_root, tmp_path):
         for i in range(8):
             pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    launcher = [sys.executable, "-m", "directpred_plugin.solo"] if run["launcher"] else [sys.executable]
     command = [
-        sys.executable, "-m", "directpred_plugin.solo", str(solo_root / "main_pretrain.py"),
-        "--config-path", str(INTEGRATION), "--config-name", "byol.yaml",
+        *launcher, str(solo_root / "main_pretrain.py"),
+        "--config-path", str(INTEGRATION), "--config-name", f"{method}.yaml",
         f"hydra.searchpath=[file://{solo_root / 'scripts' / 'pretrain' / 'cifar'}]",
         "data.dataset=custom", f"data.train_path={tmp_path / 'train'}", "data.val_path=null",
-        "data.num_workers=0", "accelerator=cpu", 'devices="2"', "strategy=ddp", "sync_batchnorm=False",
+        "data.num_workers=0", "accelerator=cpu", f'devices="{devices}"',
+        f"strategy={'ddp' if devices > 1 else 'auto'}", "sync_batchnorm=False",
         "precision=32", "max_epochs=1", f"optimizer.batch_size={BATCH}", f"++limit_train_batches={STEPS}",
         "method_kwargs.proj_hidden_dim=64", "method_kwargs.pred_hidden_dim=64", "method_kwargs.proj_output_dim=32",
         "++wandb.enabled=False", "++auto_resume.enabled=False", f"checkpoint.dir={tmp_path / 'ckpt'}",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in (SCRIPT_ENV, "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in (SCRIPT_ENV, "LOCAL_RANK", OPT_OUT_ENV)}
     env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
-    assert run.returncode == 0, run.stderr[-4000:]
+    if run["launcher"]:
+        env[OPT_OUT_ENV] = "0"
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-4000:]
 
-    registered = [line for line in run.stderr.splitlines() if "DirectPred registered with solo-learn" in line]
-    built = [line for line in run.stderr.splitlines() if "byol.predictor = DirectPredHead(dim=32" in line]
-    assert len(registered) == 2 and any("LOCAL_RANK 1" in line for line in registered), run.stderr[-4000:]
-    assert len(built) == 2 and any("LOCAL_RANK 1" in line for line in built)
+    built = [line for line in result.stderr.splitlines() if f"{method}.predictor = DirectPredHead(dim=32" in line]
+    assert len(built) == devices, result.stderr[-4000:]
+    if devices > 1:
+        assert any("LOCAL_RANK 1" in line for line in built)
+    registered = [line for line in result.stderr.splitlines() if "DirectPred registered with solo-learn" in line]
+    assert len(registered) == (devices if run["launcher"] else 0)
 
-    (ckpt,) = (tmp_path / "ckpt" / "byol").glob("*/*.ckpt")
+    (ckpt,) = (tmp_path / "ckpt" / method).glob("*/*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("predictor.0.") for k in state)  # no MLP
     assert int(state["predictor.num_updates"]) == STEPS  # all-reduced statistics, one update per step
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
-    args = json.loads(next((tmp_path / "ckpt" / "byol").glob("*/args.json")).read_text())
+    args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"

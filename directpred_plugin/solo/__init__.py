@@ -9,12 +9,16 @@ predictor of BYOL, SimSiam and every other solo-learn method that has one::
         rho: 0.3
         freq: 1
 
-Run an unmodified solo-learn script with the registration active (DDP workers that
-Lightning starts are covered too)::
+solo-learn's own command then uses DirectPred, in the main process and in the DDP workers
+Lightning starts::
 
-    python -m directpred_plugin.solo main_pretrain.py --config-path scripts/pretrain/cifar --config-name byol.yaml
+    python main_pretrain.py --config-path scripts/pretrain/cifar --config-name byol.yaml
 
-or call :func:`register` before building models through ``solo.methods.METHODS``.
+The package installs a start-up hook (``_directpred_solo_autoregister``) that calls
+:func:`register` right after ``solo.methods`` is imported; ``DIRECTPRED_SOLO_AUTOREGISTER=0``
+turns it off. Without the hook, run the script through the launcher,
+``python -m directpred_plugin.solo main_pretrain.py ...``, or call :func:`register` before
+building models through ``solo.methods.METHODS``.
 
 Two registries drive the adapter: :data:`PREDICTORS` (the values ``method_kwargs.predictor``
 accepts) and :data:`METHOD_PREDICTORS` (which attributes of which solo-learn methods hold a
@@ -27,7 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -42,6 +46,8 @@ __all__ = [
     "register",
     "directpred_options",
     "build_directpred",
+    "log_to_stderr",
+    "DEFAULT_CALLS_PER_UPDATE",
 ]
 
 SOLO_INSTALL_HINT = (
@@ -69,6 +75,11 @@ class PredictorFactory(NamedTuple):
 
 _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _BOOL_OPTIONS = ("trainable", "center", "sync_dist")
+
+#: ``method_kwargs.directpred.calls_per_update`` when the config leaves it out: one update
+#: per training step. ``None`` pools the calls per step that :data:`METHOD_PREDICTORS`
+#: counts for the method.
+DEFAULT_CALLS_PER_UPDATE: Optional[int] = None
 
 #: Keys accepted under ``method_kwargs.directpred``: the :class:`DirectPredHead` options
 #: (``stats_dtype`` as ``"float32"``/``"float64"``; ``calls_per_update: null`` means one
@@ -100,7 +111,7 @@ def directpred_options(options: Optional[Mapping[str, Any]] = None) -> Dict[str,
         )
     defaults = inspect.signature(DirectPredHead.__init__).parameters
     resolved = {name: defaults[name].default for name in DIRECTPRED_OPTIONS}
-    resolved.update(stats_dtype="float32", calls_per_update=None)
+    resolved.update(stats_dtype="float32", calls_per_update=DEFAULT_CALLS_PER_UPDATE)
     resolved.update(options)
 
     for name in _BOOL_OPTIONS:
@@ -179,7 +190,7 @@ RESUME_MUST_MATCH = ("method_kwargs.predictor", "method_kwargs.directpred")
 
 
 # --------------------------------------------------------------------------- registration
-def _import_solo():
+def _import_solo() -> Tuple[Dict[str, Any], type, Any]:
     try:
         from solo.methods import METHODS
         from solo.methods.base import BaseMethod
@@ -213,12 +224,12 @@ _CLASSES: Dict[str, type] = {}
 _CLASS_PREFIX = "_method_"
 
 
-def _method_class(key: str, base: type) -> type:
+def _method_class(key: str, base: Any) -> type:
     cls = _CLASSES.get(key)
     if cls is not None and cls.__bases__[-1] is base:
         return cls
 
-    def add_and_assert_specific_cfg(cfg):
+    def add_and_assert_specific_cfg(cfg: Any) -> Any:
         return _check_predictor_cfg(key, base.add_and_assert_specific_cfg(cfg))
 
     cls = type(
@@ -296,7 +307,11 @@ def _check_predictor_cfg(method: str, cfg: Any) -> Any:
     return cfg
 
 
-class _PredictorChoice:
+# solo-learn's BaseMethod, which this class is mixed into; solo-learn has no type information.
+_SoloMethod: Any = object
+
+
+class _PredictorChoice(_SoloMethod):
     """Mixed into each registered solo-learn method (see :func:`register`)."""
 
     solo_method: str
@@ -331,7 +346,7 @@ def _install_predictors(model: nn.Module, method: str, cfg: Any) -> List[str]:
     factory = PREDICTORS.get(choice) if choice else None
     if factory is None:
         return []
-    options = OmegaConf.to_container(cfg.method_kwargs[choice], resolve=True)
+    options = cast(Dict[str, Any], OmegaConf.to_container(cfg.method_kwargs[choice], resolve=True))
     replaced = []
     for attr, calls_per_step in METHOD_PREDICTORS[method].items():
         dim = _square_width(getattr(model, attr), f"{method}.{attr}")
@@ -374,3 +389,18 @@ def _check_checkpoint_predictors(model: Any, state_dict: Mapping[str, Any]) -> N
                 f"but this run builds {describe[built_directpred]}. Resume with the predictor setting "
                 "the checkpoint was trained with."
             )
+
+
+def log_to_stderr() -> None:
+    """Show this package's INFO lines (which predictor each model got) on stderr, once.
+
+    solo-learn's configs disable hydra's logging setup, so without a handler of its own the
+    line that confirms DirectPred is in use would not appear.
+    """
+    logger = logging.getLogger("directpred_plugin")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # solo-learn's code may give the root logger a handler too

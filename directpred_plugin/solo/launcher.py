@@ -53,9 +53,9 @@ def resolve_script(args: Sequence[str], environ: Mapping[str, str]) -> Tuple[str
         if not os.path.isfile(script):
             raise UsageError(f"no such script: {args[0]!r}")
         return script, list(args[1:])
-    script = environ.get(SCRIPT_ENV)
-    if script:
-        return script, list(args)
+    inherited = environ.get(SCRIPT_ENV)
+    if inherited:
+        return inherited, list(args)
     raise UsageError(f"expected a script (SCRIPT.py) as the first argument, got {list(args)!r}")
 
 
@@ -76,7 +76,7 @@ def run_script(script: str, args: Sequence[str]) -> None:
     main = types.ModuleType("__main__")
     main.__file__ = script
     main.__spec__ = importlib.machinery.ModuleSpec(LAUNCHER_MODULE, None)
-    main.__builtins__ = builtins
+    main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(script)  # as `python SCRIPT.py` sets it
@@ -95,18 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as err:
         print(f"{LAUNCHER_MODULE}: {err}\n\n{USAGE}", file=sys.stderr)
         return 2
-    _log_to_stderr()
+    from . import log_to_stderr
+
+    log_to_stderr()
     run_script(script, script_args)
     return 0
-
-
-def _log_to_stderr() -> None:
-    import logging
-
-    logger = logging.getLogger("directpred_plugin")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # solo-learn's code may give the root logger a handler too

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -69,9 +71,12 @@ def load_dataset(name: str, data_dir: str, download: bool, make_transform: Calla
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if name == "cifar10":
+        created = _first_missing_folder(Path(data_dir))
         try:
             return torchvision.datasets.CIFAR10(data_dir, download=download, transform=make_transform(name))
         except (RuntimeError, OSError) as err:  # not on disk and download off, or offline
+            if created is not None:  # a failed download would leave an empty folder behind
+                shutil.rmtree(created, ignore_errors=True)
             warnings.warn(
                 f"CIFAR-10 is not available in {data_dir!r} ({err}); training on scikit-learn's digits instead.",
                 RuntimeWarning,
@@ -80,10 +85,21 @@ def load_dataset(name: str, data_dir: str, download: bool, make_transform: Calla
     return Digits(transform=make_transform("digits"))
 
 
+def _first_missing_folder(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` that does not exist yet (``None`` if ``path`` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="digits")
-    parser.add_argument("--data-dir", default="datasets/cifar10", help="where CIFAR-10 is (or is downloaded to)")
+    parser.add_argument("--data-dir", default="data",
+                        help="where CIFAR-10 is (or is downloaded to); the folder directpred-bench compare uses too")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                         help="download CIFAR-10 if it is not in --data-dir")
     parser.add_argument("--epochs", type=int, default=10)
@@ -93,7 +109,8 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argpar
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="1")
     parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--log-every", type=int, default=50, help="log DirectPred diagnostics every N steps")
+    parser.add_argument("--log-every", type=int, default=50,
+                        help="log DirectPred diagnostics and the loss every N steps (at most once per epoch)")
     parser.add_argument("--output-dir", default=".", help="Lightning logs and checkpoints go here")
     return parser.parse_args(argv)
 
@@ -110,6 +127,7 @@ def fit(model: pl.LightningModule, make_transform: Callable[[str], Callable], de
         drop_last=True,
         num_workers=args.num_workers,
     )
+    log_every = logging_interval(args.log_every, len(dataloader), args.max_steps)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -117,8 +135,16 @@ def fit(model: pl.LightningModule, make_transform: Callable[[str], Callable], de
         accelerator=args.accelerator,
         strategy=args.strategy,
         default_root_dir=args.output_dir,
-        log_every_n_steps=args.log_every,
-        callbacks=[DirectPredDiagnostics(every_n_steps=args.log_every)],
+        log_every_n_steps=log_every,
+        callbacks=[DirectPredDiagnostics(every_n_steps=log_every)],
     )
     trainer.fit(model=model, train_dataloaders=dataloader)
+    if trainer.is_global_zero and trainer.log_dir is not None:
+        print(f"Loss and DirectPred diagnostics (every {log_every} steps) were logged to {trainer.log_dir}")
     return trainer, model
+
+
+def logging_interval(requested: int, steps_per_epoch: int, max_steps: int) -> int:
+    """``requested``, lowered so that a short run (one epoch, or ``max_steps``) still logs."""
+    longest = steps_per_epoch if max_steps < 0 else min(steps_per_epoch, max_steps)
+    return max(1, min(requested, longest))

@@ -5,10 +5,11 @@ its 256-1024-256 MLP predictor replaced by DirectPredPredictionHead: see the dif
 folder's README. Runs offline on scikit-learn's digits by default, or on CIFAR-10:
 
     python byol.py                                        # digits, CPU or GPU
-    python byol.py --dataset cifar10 --data-dir datasets/cifar10 --download
+    python byol.py --dataset cifar10 --download        # into ./data (--data-dir)
     python byol.py --devices 2 --strategy ddp             # multi-GPU (or CPU) DDP
 
-Requires: pip install "directpred-plugin[lightly]" scikit-learn
+Requires directpred-plugin with its lightly extra, and scikit-learn; from this folder of a
+checkout: pip install -e "../..[lightly]" scikit-learn
 """
 
 import copy
@@ -39,8 +40,8 @@ class BYOL(pl.LightningModule):
         resnet = torchvision.models.resnet18()
         self.backbone = nn.Sequential(*list(resnet.children())[:-1])
         self.projection_head = BYOLProjectionHead(512, 1024, 256)
-        # Two views per step: one DirectPred update per step, as in the paper.
-        self.prediction_head = DirectPredPredictionHead(256, calls_per_update=2)
+        # lightly's example: BYOLPredictionHead(256, 1024, 256). The hidden width is unused.
+        self.prediction_head = DirectPredPredictionHead(256, 1024, 256)
 
         # Target network: an EMA copy of the online backbone and projection head.
         self.backbone_momentum = copy.deepcopy(self.backbone)

@@ -6,10 +6,11 @@ see the diff in this folder's README. Runs offline on scikit-learn's digits by d
 on CIFAR-10:
 
     python simsiam.py                                     # digits, CPU or GPU
-    python simsiam.py --dataset cifar10 --data-dir datasets/cifar10 --download
+    python simsiam.py --dataset cifar10 --download        # into ./data (--data-dir)
     python simsiam.py --devices 2 --strategy ddp          # multi-GPU (or CPU) DDP
 
-Requires: pip install "directpred-plugin[lightly]" scikit-learn
+Requires directpred-plugin with its lightly extra, and scikit-learn; from this folder of a
+checkout: pip install -e "../..[lightly]" scikit-learn
 """
 
 
@@ -33,8 +34,8 @@ class SimSiam(pl.LightningModule):
         resnet = torchvision.models.resnet18()
         self.backbone = nn.Sequential(*list(resnet.children())[:-1])
         self.projection_head = SimSiamProjectionHead(512, 512, 128)
-        # Two views per step: one DirectPred update per step, as in the paper.
-        self.prediction_head = DirectPredPredictionHead(128, calls_per_update=2)
+        # lightly's example: SimSiamPredictionHead(128, 64, 128). The hidden width is unused.
+        self.prediction_head = DirectPredPredictionHead(128, 64, 128)
         self.criterion = NegativeCosineSimilarity()
 
     def forward(self, x):
