@@ -131,6 +131,7 @@ class DirectPredHead(nn.Module):
 
     weight: Tensor
     corr: Tensor
+    mean: Tensor  # registered only with center=True
     pending_outer: Tensor
     pending_sum: Tensor
     pending_count: Tensor
@@ -192,6 +193,8 @@ class DirectPredHead(nn.Module):
         self.trainable = trainable
         self.center = center
         self.calls_per_update = calls_per_update
+        #: calls per pool, or None for "auto" (the pool closes at the next step's first call)
+        self._pool_calls: Optional[int] = None if calls_per_update == AUTO else int(calls_per_update)
         self.stats_dtype = stats_dtype
         self.sync_dist = sync_dist
         self.process_group = process_group
@@ -288,19 +291,19 @@ class DirectPredHead(nn.Module):
         if self._backward_seen:  # a backward pass ran since the previous call: a new step
             self._backward_seen = False
             self._step_generation, self._step_mixed = None, False
-            if self.calls_per_update == AUTO and self._calls_in_group:
+            if self._pool_calls is None and self._calls_in_group:
                 self._close_pool()
         weight = self._weight_for_call()
         if z.requires_grad:
             z.register_hook(self._mark_backward)
-        elif self.calls_per_update == AUTO:
+        elif self._pool_calls is None:
             raise ValueError(
                 "DirectPredHead(calls_per_update='auto') pools the calls between two backward passes, "
                 "but this training-mode input does not require grad, so no backward pass can be seen. "
                 "Pass an integer calls_per_update, or call head.update(z) to feed statistics."
             )
         self._collect(z)
-        if self.calls_per_update != AUTO and self._calls_in_group >= self.calls_per_update:
+        if self._pool_calls is not None and self._calls_in_group >= self._pool_calls:
             self._close_pool()
         return weight
 
@@ -349,7 +352,7 @@ class DirectPredHead(nn.Module):
         """
         self._check_input(z)
         self._collect(z)
-        if self.calls_per_update == AUTO or self._calls_in_group >= self.calls_per_update:
+        if self._pool_calls is None or self._calls_in_group >= self._pool_calls:
             self._close_pool()
 
     # --------------------------------------------------------- statistics
@@ -588,11 +591,11 @@ class DirectPredHead(nn.Module):
 def _all_reduce_pool_(pool: Pool, group: Optional[Any]) -> None:
     """One collective for the whole pool: ``[outer | total | count]``."""
     dim = pool.total.shape[0]
-    packed = torch.cat([pool.outer.flatten(), pool.total, pool.count.reshape(1)])
+    packed = torch.cat([pool.outer.flatten(), pool.total, pool.rows.reshape(1)])
     all_reduce_sum_(packed, group)
     pool.outer.copy_(packed[: dim * dim].view(dim, dim))
     pool.total.copy_(packed[dim * dim : dim * dim + dim])
-    pool.count.copy_(packed[-1])
+    pool.rows.copy_(packed[-1])
 
 
 class _LaggedCounters:
@@ -643,8 +646,8 @@ def _check_real(name: str, value: Any, lower: float, upper: float, *,
     if ok:
         ok = (value > lower if lower_open else value >= lower) and (value < upper if upper_open else value <= upper)
     if not ok:
-        interval = f"{'(' if lower_open else '['}{lower}, {upper}{')' if upper_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+        interval = f"{'(' if lower_open else '['}{lower:g}, {upper:g}{')' if upper_open else ']'}"
+        raise ValueError(f"{name} must be a float in {interval}, got {value!r}")
     return float(value)
 
 

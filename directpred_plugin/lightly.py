@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequenc
 
 from torch import nn
 
-from .head import DirectPredHead
+from .head import CallsPerUpdate, DirectPredHead
 
 #: How to get the ``lightly`` extra; the package is not on PyPI yet.
 INSTALL_HINT = (
@@ -46,7 +46,7 @@ _LIGHTNING_FLAVOURS: Tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning"
 #: ``calls_per_update`` of a :class:`DirectPredPredictionHead` built without it, and of the
 #: heads :func:`replace_prediction_heads` makes: the documented default is one update per
 #: training step, whatever the number of views.
-DEFAULT_CALLS_PER_UPDATE: int = 1
+DEFAULT_CALLS_PER_UPDATE: CallsPerUpdate = "auto"
 
 
 class DirectPredPredictionHead(DirectPredHead):
@@ -87,7 +87,7 @@ class DirectPredPredictionHead(DirectPredHead):
         hidden_dim: Optional[int] = None,
         output_dim: Optional[int] = None,
         *,
-        calls_per_update: int = DEFAULT_CALLS_PER_UPDATE,
+        calls_per_update: CallsPerUpdate = DEFAULT_CALLS_PER_UPDATE,
         **options: Any,
     ) -> None:
         del hidden_dim  # the MLP's width; DirectPred has no hidden layer

@@ -90,7 +90,7 @@ class IsoLoss(nn.Module):
         Returns:
             Scalar loss.
         """
-        dim = self.head.weight.shape[0]
+        dim = self._weight().shape[0]
         if z.dim() != 2 or z.shape[1] != dim or p.shape != z.shape or z_target.shape != z.shape:
             raise ValueError(
                 f"z, p and z_target must all be n x {dim} (the head's width), got "
@@ -101,8 +101,13 @@ class IsoLoss(nn.Module):
             return (z - (z_target + z - p).detach()).pow(2).sum(dim=1).mean()
         return self._cosine(z, p, z_target)
 
+    def _weight(self) -> Tensor:
+        weight = self.head.weight
+        assert isinstance(weight, Tensor)  # checked in __init__
+        return weight
+
     def _cosine(self, z: Tensor, p: Tensor, z_target: Tensor) -> Tensor:
-        weight = self.head.weight.detach()
+        weight = self._weight().detach()
         if weight.dtype not in (torch.float32, torch.float64):  # eigh has no half-precision kernels
             weight = weight.float()
         with torch.no_grad():

@@ -247,7 +247,8 @@ class AutoRefresh(nn.Module):
         return strategy(stats, variant, options)
 
     def _measure(self, stats: Tensor, variant: Variant, options: RuleOptions) -> int:
-        key = (stats.device.type, stats.shape[-1], stats.dtype, variant.spectral_power(options))
+        power = variant.spectral_power(options) if variant.spectral_power is not None else None
+        key = (stats.device.type, stats.shape[-1], stats.dtype, power)
         if key in _MEASURED:  # one measurement per process and kind of refresh: heads agree
             self.timings = _MEASURED[key]
         else:

@@ -21,7 +21,7 @@ class Pool(NamedTuple):
 
     outer: Tensor
     total: Tensor
-    count: Tensor
+    rows: Tensor
 
 
 class FoldResult(NamedTuple):
@@ -40,7 +40,7 @@ def accumulate_(pool: Pool, x: Tensor) -> None:
     """Add the moments of the rows of ``x`` to ``pool`` in place (non-finite values included)."""
     pool.outer.addmm_(x.mT, x)
     pool.total.add_(x.sum(dim=0))
-    pool.count.add_(x.shape[0])
+    pool.rows.add_(x.shape[0])
 
 
 def merge_(pool: Pool, other: Pool) -> None:
@@ -58,18 +58,18 @@ def fold_(
 ) -> FoldResult:
     """One EMA step of ``corr`` (and ``mean``) from a pool, decided on the device.
 
-    ``corr <- pool.outer / count`` on the first update, else
-    ``corr <- rho * corr + (1 - rho) * pool.outer / count``. A pool with no rows changes
+    ``corr <- pool.outer / rows`` on the first update, else
+    ``corr <- rho * corr + (1 - rho) * pool.outer / rows``. A pool with no rows changes
     nothing; a pool with a non-finite entry (NaN/inf in a batch, or sums that overflowed
     only once pooled or summed over ranks) changes nothing and is reported as skipped.
     """
     finite = torch.isfinite(pool.outer).all() & torch.isfinite(pool.total).all()
-    has_rows = pool.count > 0
+    has_rows = pool.rows > 0
     folded = finite & has_rows
     first = num_updates == 0
     zero = corr.new_zeros(())  # coefficients in the statistics' dtype, not the default one
     keep = torch.where(first, zero, zero + rho)
-    take = torch.where(first, zero + 1.0, zero + (1.0 - rho)) / pool.count.clamp_min(1)
+    take = torch.where(first, zero + 1.0, zero + (1.0 - rho)) / pool.rows.clamp_min(1)
     # torch.where, not a multiplication by 0: NaN * 0 is NaN
     corr.copy_(torch.where(folded, keep * corr + take * pool.outer, corr))
     if mean is not None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -23,6 +24,7 @@ import yaml
 from directpred_plugin import DirectPredHead
 from directpred_plugin.solo import (
     DIRECTPRED_OPTIONS,
+    ISOLOSS_METHODS,
     METHOD_PREDICTORS,
     PREDICTORS,
     build_directpred,
@@ -50,8 +52,10 @@ def test_directpred_options_default_to_the_head_defaults():
     reference = DirectPredHead(8)
     for name in ("rho", "eps", "freq", "variant", "trainable", "center", "sync_dist", "stats_dtype"):
         assert getattr(head, name) == getattr(reference, name), name
-    assert head.calls_per_update == 3  # one update per training step by default
+    assert head.calls_per_update == "auto"  # one update per training step by default
     assert build_directpred(8, {"calls_per_update": 1}, calls_per_step=3).calls_per_update == 1
+    # null: the calls per step that METHOD_PREDICTORS counts for the method
+    assert build_directpred(8, {"calls_per_update": None}, calls_per_step=3).calls_per_update == 3
     assert build_directpred(8, {"stats_dtype": "float64"}, 2).corr.dtype == torch.float64
     assert directpred_options(options) == options  # solo may check a cfg twice
 
@@ -62,7 +66,7 @@ def test_directpred_options_default_to_the_head_defaults():
         ({"rh": 0.3}, r"unknown option\(s\) \['rh'\]; valid options: \['rho'"),
         ({"rho": 1.5}, r"method_kwargs.directpred: rho must be a float in \[0, 1\)"),
         ({"freq": 0}, r"method_kwargs.directpred: freq must be an integer >= 1"),
-        ({"variant": "mlp"}, r"variant must be one of \['directcopy', 'directpred'\]"),
+        ({"variant": "mlp"}, r"variant must be one of \['directcopy', 'directpred', 'directset', 'ns'"),
         ({"trainable": "yes"}, r"method_kwargs.directpred.trainable must be true or false"),
         ({"stats_dtype": "float16"}, r"stats_dtype must be one of \['float32', 'float64'\]"),
         ({"calls_per_update": 0}, r"calls_per_update must be an integer >= 1"),
@@ -308,15 +312,14 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for attr, head in heads.items():
         assert getattr(model, attr) is head
-        # one update per training step: every view of a step pooled, validation changes nothing
-        assert int(head.num_updates) == STEPS, attr
+        # one update per training step: every view of a step pooled, validation changes
+        # nothing; with "auto" the last step's pool is folded by the next step's first call
+        assert head.calls_per_update == "auto"
+        assert int(head.num_updates) == STEPS - 1, attr
+        assert int(head.pending_calls) == METHOD_PREDICTORS[method][attr](model), attr
         assert not torch.allclose(head.weight, before[attr]), attr
         assert torch.isfinite(head.weight).all()
         assert (id(head.weight) in in_optimizer) == trainable
-        if head.calls_per_update > 1:
-            assert int(head.pending_calls) == 0
-    if method == "byol":
-        assert heads["predictor"].calls_per_update == 2 + cfg.data.num_small_crops
 
 
 @pytest.mark.parametrize(
@@ -441,7 +444,7 @@ def test_integration_configs_compose_with_solos_config_groups(solo_root, methods
     assert cfg.data.num_large_crops == 2
     model = methods[cfg.method](cfg)
     assert isinstance(model.predictor, DirectPredHead) and model.predictor.dim == width
-    assert model.predictor.calls_per_update == 2
+    assert model.predictor.calls_per_update == "auto"
 
 
 MAIN_PRETRAIN_RUNS = {
@@ -502,3 +505,42 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
     args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"
+
+
+# ------------------------------------------------------------------------------ IsoLoss
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method, form", [("byol", "cosine"), ("simsiam", "l2")])
+def test_isoloss_trains_through_solo_learn(methods, method, form):
+    import importlib
+
+    cfg = make_cfg(method, predictor="directpred", loss="isoloss", isoloss={"form": form})
+    model = methods[method](cfg)
+    assert model.isoloss is not None and model.isoloss.form == form
+    module_name, name, _, _ = ISOLOSS_METHODS[method]
+    original = getattr(importlib.import_module(module_name), name)
+    calls = []
+    model.isoloss.register_forward_hook(lambda module, args, out: calls.append(float(out.detach())))
+    fit(model)
+    # every prediction loss of every step went through IsoLoss, and solo's function is back
+    assert len(calls) == STEPS * 2 and all(np.isfinite(calls))
+    assert getattr(importlib.import_module(module_name), name) is original
+    assert model._prediction_inputs == {}
+    assert int(model.predictor.num_updates) == STEPS - 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss": "bogus"}, r"method_kwargs.loss must be one of \['default', 'isoloss'\]"),
+    ({"loss": "isoloss", "isoloss": {"form": "dot"}}, "form must be cosine or l2"),
+    ({"isoloss": {"form": "l2"}}, "method_kwargs.loss is not isoloss"),
+])
+def test_isoloss_config_errors_are_named(methods, overrides, message):
+    cfg = make_cfg("byol", predictor="directpred", **overrides)
+    with pytest.raises(ValueError, match=message):
+        methods["byol"].add_and_assert_specific_cfg(cfg)
+
+
+def test_isoloss_needs_a_closed_form_predictor(methods):
+    with pytest.raises(ValueError, match="needs a closed-form predictor"):
+        methods["byol"].add_and_assert_specific_cfg(make_cfg("byol", loss="isoloss"))
+    with pytest.raises(ValueError, match="is available for"):
+        methods["mocov3"].add_and_assert_specific_cfg(make_cfg("mocov3", predictor="directpred", loss="isoloss"))

@@ -28,17 +28,21 @@ predictor, and how often a training step calls each). solo-learn is imported onl
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from ..head import DirectPredHead
+from ..losses import IsoLoss
 
 __all__ = [
+    "ISOLOSS_METHODS",
+    "LOSSES",
     "PREDICTORS",
     "METHOD_PREDICTORS",
     "DIRECTPRED_OPTIONS",
@@ -77,9 +81,9 @@ _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _BOOL_OPTIONS = ("trainable", "center", "sync_dist")
 
 #: ``method_kwargs.directpred.calls_per_update`` when the config leaves it out: one update
-#: per training step. ``None`` pools the calls per step that :data:`METHOD_PREDICTORS`
-#: counts for the method.
-DEFAULT_CALLS_PER_UPDATE: Optional[int] = None
+#: per training step (``"auto"``: the calls between two backward passes pool into one
+#: update). ``null`` instead pools the calls per step that :data:`METHOD_PREDICTORS` counts.
+DEFAULT_CALLS_PER_UPDATE: Union[int, str, None] = "auto"
 
 #: Keys accepted under ``method_kwargs.directpred``: the :class:`DirectPredHead` options
 #: (``stats_dtype`` as ``"float32"``/``"float64"``; ``calls_per_update: null`` means one
@@ -184,6 +188,19 @@ METHOD_PREDICTORS: Dict[str, Dict[str, Callable[[Any], int]]] = {
     "all4one": {"predictor": _twice_per_large_crop, "predictor2": _large_crops},
 }
 
+#: solo-learn method -> (module, name of the loss function its ``training_step`` calls as
+#: ``loss(p, z_target)``, the factor from IsoLoss's scale to that function's). With
+#: ``method_kwargs.loss: isoloss`` that function is IsoLoss for the duration of a training
+#: step: BYOL's ``2 - 2 cos`` becomes ``2 + 2 IsoLoss``, SimSiam's ``-cos`` IsoLoss itself.
+ISOLOSS_METHODS: Dict[str, Tuple[str, str, float, float]] = {
+    "byol": ("solo.methods.byol", "byol_loss_func", 2.0, 2.0),
+    "nnbyol": ("solo.methods.nnbyol", "byol_loss_func", 2.0, 2.0),
+    "simsiam": ("solo.methods.simsiam", "simsiam_loss_func", 0.0, 1.0),
+    "nnsiam": ("solo.methods.nnsiam", "simsiam_loss_func", 0.0, 1.0),
+}
+#: Values of ``method_kwargs.loss``; options of IsoLoss go under ``method_kwargs.isoloss``.
+LOSSES = ("default", "isoloss")
+
 #: cfg keys appended to solo-learn's ``AutoResumer.SHOULD_MATCH``: a run never auto-resumes
 #: a checkpoint trained with another predictor (its state_dict would not load).
 RESUME_MUST_MATCH = ("method_kwargs.predictor", "method_kwargs.directpred")
@@ -276,7 +293,9 @@ def _check_predictor_cfg(method: str, cfg: Any) -> Any:
     choice = _choice(cfg)
     if method not in METHOD_PREDICTORS:
         option_blocks = [name for name, factory in PREDICTORS.items() if factory is not None]
-        given = [f"method_kwargs.{k}" for k in ("predictor", *option_blocks) if k in kwargs]
+        given = [f"method_kwargs.{k}" for k in ("predictor", *option_blocks, "isoloss") if k in kwargs]
+        if kwargs.get("loss") == "isoloss":
+            given.append("method_kwargs.loss: isoloss")
         if given:
             raise ValueError(
                 f"method {method!r} has no predictor to replace, so {', '.join(given)} cannot be "
@@ -294,6 +313,7 @@ def _check_predictor_cfg(method: str, cfg: Any) -> Any:
             logging.getLogger(__name__).warning(
                 "method_kwargs.%s is ignored: method_kwargs.predictor is %r", name, choice or "mlp"
             )
+    _check_loss_cfg(method, choice, kwargs)
     factory = PREDICTORS.get(choice) if choice else None
     if factory is not None:
         raw = kwargs.get(choice)
@@ -305,6 +325,34 @@ def _check_predictor_cfg(method: str, cfg: Any) -> Any:
             raise ValueError(f"method_kwargs.{choice} must be a mapping of options, got {raw!r}")
         kwargs[choice] = factory.options(raw)
     return cfg
+
+
+def _check_loss_cfg(method: str, choice: Optional[str], kwargs: Any) -> None:
+    """Validate ``method_kwargs.loss`` / ``method_kwargs.isoloss`` and fill IsoLoss's defaults."""
+    from omegaconf import OmegaConf
+
+    loss = kwargs.get("loss", "default")
+    if loss not in LOSSES:
+        raise ValueError(f"method_kwargs.loss must be one of {list(LOSSES)}, got {loss!r}")
+    if loss != "isoloss":
+        if "isoloss" in kwargs:
+            raise ValueError("method_kwargs.isoloss is set, but method_kwargs.loss is not isoloss")
+        return
+    if method not in ISOLOSS_METHODS:
+        raise ValueError(
+            f"method_kwargs.loss: isoloss is available for {sorted(ISOLOSS_METHODS)} "
+            f"(directpred_plugin.solo.ISOLOSS_METHODS), not {method!r}"
+        )
+    if choice != "directpred":
+        raise ValueError("method_kwargs.loss: isoloss needs a closed-form predictor: set method_kwargs.predictor: directpred")
+    raw = kwargs.get("isoloss") or {}
+    raw = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_dict(raw) else raw
+    if not isinstance(raw, dict) or set(raw) - {"form"}:
+        raise ValueError(f"method_kwargs.isoloss takes only `form` (cosine or l2), got {raw!r}")
+    form = raw.get("form", "cosine")
+    if form not in ("cosine", "l2"):
+        raise ValueError(f"method_kwargs.isoloss.form must be cosine or l2, got {form!r}")
+    kwargs["isoloss"] = {"form": form}
 
 
 # solo-learn's BaseMethod, which this class is mixed into; solo-learn has no type information.
@@ -319,6 +367,40 @@ class _PredictorChoice(_SoloMethod):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.replaced_predictors: List[str] = _install_predictors(self, self.solo_method, self.cfg)
+        self.isoloss: Optional[IsoLoss] = None
+        self._prediction_inputs: Dict[int, torch.Tensor] = {}
+        self._recording_predictions = False
+        kwargs = self.cfg.method_kwargs
+        if kwargs.get("loss", "default") == "isoloss":
+            self.isoloss = IsoLoss(self.predictor, form=kwargs.isoloss.form)
+            self.predictor.register_forward_hook(self._record_prediction)
+
+    def _record_prediction(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> None:
+        if self._recording_predictions:  # IsoLoss needs the predictor's input next to its output
+            self._prediction_inputs[id(output)] = args[0]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.isoloss is None:
+            return super().training_step(batch, batch_idx)
+        module_name, name, offset, factor = ISOLOSS_METHODS[self.solo_method]
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+        isoloss, inputs = self.isoloss, self._prediction_inputs
+
+        def loss(p: torch.Tensor, z_target: torch.Tensor, simplified: bool = True) -> torch.Tensor:
+            z = inputs.get(id(p))
+            if z is None:
+                raise RuntimeError(f"{module_name}.{name} got a prediction the DirectPred head did not make")
+            return offset + factor * isoloss(z, p, z_target)
+
+        setattr(module, name, loss)
+        self._recording_predictions = True
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            setattr(module, name, original)
+            self._recording_predictions = False
+            inputs.clear()
 
     @property
     def learnable_params(self) -> List[Dict[str, Any]]:
