@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequenc
 from torch import nn
 
 from .head import CallsPerUpdate, DirectPredHead
+from .predictors import closed_form_options
 
 #: How to get the ``lightly`` extra; the package is not on PyPI yet.
 INSTALL_HINT = (
@@ -128,6 +129,7 @@ def replace_prediction_heads(
     model: nn.Module,
     *,
     head_types: Union[Type[nn.Module], Sequence[Type[nn.Module]], None] = None,
+    predictor: str = "directpred",
     **options: Any,
 ) -> List[ReplacedHead]:
     """Replace, in place, every lightly prediction head of ``model`` by a DirectPred head.
@@ -147,6 +149,9 @@ def replace_prediction_heads(
         model: The model to modify.
         head_types: A class, or a sequence of classes, to replace instead of lightly's
             predictors. Giving them means lightly need not be installed.
+        predictor: Which closed-form predictor replaces them: a name of
+            :func:`directpred_plugin.create_predictor` (``"directpred"``, ``"directcopy"``,
+            ``"ns"``, ...), with that name's defaults.
         **options: :class:`DirectPredHead` options for every new head, e.g. ``rho=0.5``.
 
     Returns:
@@ -163,6 +168,7 @@ def replace_prediction_heads(
         >>> [(r.name, r.new.dim) for r in replaced]
         [('prediction_head', 256)]
     """
+    options = closed_form_options(predictor, **options)
     if head_types is None:
         types = lightly_prediction_head_types()
     elif isinstance(head_types, type):

@@ -24,7 +24,14 @@ from torch import nn
 from .head import DirectPredHead
 from .rules import VARIANTS
 
-__all__ = ["PredictorEntry", "PREDICTORS", "register_predictor", "create_predictor", "closed_form_predictors"]
+__all__ = [
+    "PredictorEntry",
+    "PREDICTORS",
+    "register_predictor",
+    "create_predictor",
+    "closed_form_predictors",
+    "closed_form_options",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,20 @@ def create_predictor(name: str, dim: int, *, hidden_dim: Optional[int] = None, *
     except KeyError:
         raise ValueError(f"unknown predictor {name!r}; registered predictors: {sorted(PREDICTORS)}") from None
     return entry.build(dim, hidden_dim, **{**entry.defaults, **options})
+
+
+def closed_form_options(name: str, **options: Any) -> Dict[str, Any]:
+    """The :class:`DirectPredHead` options ``create_predictor(name, ...)`` would use, variant included.
+
+    For adapters that build their own :class:`DirectPredHead` subclass (lightly's
+    ``DirectPredPredictionHead``) or fill a config (solo-learn) from a predictor name.
+    """
+    entry = PREDICTORS.get(name)
+    if entry is None or not entry.closed_form:
+        raise ValueError(f"{name!r} is not a closed-form predictor; closed-form predictors: {closed_form_predictors()}")
+    merged = {**entry.defaults, **options}
+    merged.setdefault("variant", _VARIANT_OF.get(name, name))
+    return merged
 
 
 def closed_form_predictors() -> List[str]:
@@ -117,6 +138,9 @@ for _name, _variant in VARIANTS.items():
         defaults=_MATMUL_DEFAULTS if _variant.spectral_power is None else None,
         closed_form=True,
     )
+#: Closed-form names that are not a variant's own name.
+_VARIANT_OF = {"directpred-hybrid": "directpred"}
+
 register_predictor(
     "directpred-hybrid",
     _closed_form("directpred"),

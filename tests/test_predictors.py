@@ -117,3 +117,20 @@ def test_factory_defaults_and_overrides():
         create_predictor("bogus", DIM)
     with pytest.raises(ValueError, match="no options"):
         create_predictor("none", DIM, eps=0.1)
+
+
+def test_adapters_take_their_closed_form_defaults_from_the_factory():
+    from lightly.models.modules import BYOLPredictionHead
+
+    from directpred_plugin.lightly import replace_prediction_heads
+    from directpred_plugin.predictors import closed_form_options
+    from directpred_plugin.solo import directpred_options
+
+    (replaced,) = replace_prediction_heads(nn.Sequential(BYOLPredictionHead(DIM, 16, DIM)), predictor="ns", ridge=0.1)
+    assert (replaced.new.variant, replaced.new.rho, replaced.new.eps, replaced.new.ridge) == ("ns", 0.0, 0.0, 0.1)
+    solo = directpred_options({"variant": "ns", "weight_momentum": 0.5})
+    assert (solo["rho"], solo["eps"], solo["weight_momentum"]) == (0.0, 0.0, 0.5)
+    assert directpred_options({})["rho"] == 0.3
+    assert closed_form_options("directpred-hybrid") == {"freq": 5, "trainable": True, "variant": "directpred"}
+    with pytest.raises(ValueError, match="not a closed-form predictor"):
+        closed_form_options("mlp")

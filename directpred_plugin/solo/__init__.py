@@ -39,6 +39,8 @@ from torch import nn
 
 from ..head import DirectPredHead
 from ..losses import IsoLoss
+from ..predictors import closed_form_options
+from ..rules import VARIANTS
 
 __all__ = [
     "ISOLOSS_METHODS",
@@ -78,7 +80,7 @@ class PredictorFactory(NamedTuple):
 
 
 _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_BOOL_OPTIONS = ("trainable", "center", "sync_dist")
+_BOOL_OPTIONS = ("trainable", "center", "sync_dist", "eps_inside")
 
 #: ``method_kwargs.directpred.calls_per_update`` when the config leaves it out: one update
 #: per training step (``"auto"``: the calls between two backward passes pool into one
@@ -99,6 +101,10 @@ DIRECTPRED_OPTIONS: Tuple[str, ...] = (
     "stats_dtype",
     "sync_dist",
     "refresh",
+    "alpha",
+    "eps_inside",
+    "ridge",
+    "weight_momentum",
 )
 
 
@@ -116,6 +122,9 @@ def directpred_options(options: Optional[Mapping[str, Any]] = None) -> Dict[str,
     defaults = inspect.signature(DirectPredHead.__init__).parameters
     resolved = {name: defaults[name].default for name in DIRECTPRED_OPTIONS}
     resolved.update(stats_dtype="float32", calls_per_update=DEFAULT_CALLS_PER_UPDATE)
+    variant = options.get("variant", resolved["variant"])
+    if variant in VARIANTS:  # the member's own defaults, as create_predictor(variant) has them
+        resolved.update(closed_form_options(variant))
     resolved.update(options)
 
     for name in _BOOL_OPTIONS:
