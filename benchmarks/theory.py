@@ -165,7 +165,7 @@ SCENARIOS: Dict[str, Scenario] = {
                                  expected="collapse"),
     "gradient-predictor": Scenario("c", "SGD-trained W_p", "gradient"),
     "directpred-sqrt": Scenario("c", "DirectPred unnormalised, p_j = sqrt(s_j)", "directpred-sqrt"),
-    "directpred": Scenario("c", "DirectPred head as shipped, p_j = sqrt(s_j / max s) + eps", "directpred"),
+    "directpred": Scenario("c", "DirectPred head as shipped, p_j = sqrt(s_j / max s) + eps: scale pinned near 1, which only this L2 loss penalises (not a bug: no collapse under the cosine loss of BYOL/SimSiam, see below)", "directpred"),
     "symmetric-predictor": Scenario("d", "SGD-trained symmetric W_p", "gradient-symmetric"),
 }
 
