@@ -193,9 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resnet18-imagenet-stem); --framework solo: resnet18 (default) or "
                              "resnet18-imagenet-stem, solo-learn's own")
     parser.add_argument("--epochs", type=_positive_int, default=None,
-                        help="default per dataset: digits 60, fashion-mnist 20, cifar10 200, stl10 100")
+                        help="default per dataset: digits 60, fashion-mnist 3, cifar10 200, stl10 100")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="default per dataset: 128 / 256 / 256 / 256")
+                        help="default per dataset: 128 / 128 / 256 / 256")
     parser.add_argument("--proj-dim", type=_positive_int, default=None,
                         help="projection width d (default 64 / 128 / 256 / 256)")
     parser.add_argument("--hidden-dim", type=_positive_int, default=None,
