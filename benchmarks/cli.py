@@ -15,7 +15,17 @@ COMMANDS: Dict[str, str] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help; module docstrings as written."""
+    """Each option's default after its help; module docstrings as written.
+
+    Options whose help already states the default, flags and options defaulting to None
+    (their help says what None means) get no ``(default: ...)`` suffix.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

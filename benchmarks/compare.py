@@ -186,7 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"any of {', '.join(PREDICTORS)}, each optionally with options, e.g. "
                              f"directpred:eps=0.1,freq=5 (default: all that --framework builds; solo: "
                              f"{', '.join(FRAMEWORKS['solo'].predictors)})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="one run per predictor and seed; a seed fixes initialisation, batch order and views")
     parser.add_argument("--backbone", default=None,
                         help="small-cnn, fashion-cnn, resnet18 (CIFAR stem), resnet18-imagenet-stem or "
                              "timm:<model> (default per dataset: small-cnn / fashion-cnn / resnet18 / "
