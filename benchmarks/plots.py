@@ -75,14 +75,18 @@ def plot_curves(results: Dict[str, Any], path: Path) -> None:
     axes[1].axhline(results["collapse_isotropic_max"], color="gray", ls="--", lw=1, label=f"1/sqrt({dim}): isotropic")
     axes[2].set_title("effective rank (also sees dimensional collapse)", fontsize=9)
     axes[2].set_ylabel(f"effective rank of projections (max {dim})")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     seeds = len(results["config"]["seeds"])
     fig.suptitle(f"{_title(results)}: line = mean over {seeds} seed{'s' if seeds > 1 else ''}, "
                  "band = min..max over seeds; collapse measures on each epoch's online projections", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
