@@ -128,8 +128,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
         f"peak mem: {memory_kind.replace('_', ' ')}"
         + (" (cumulative over the runs of one process)" if memory_kind == "cpu_process_max_rss" else "") + ".",
         "",
-        f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, torch {machine.get('torch')} "
-        f"({machine.get('torch_threads')} threads), device {machine.get('device')}"
+        f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, torch {machine.get('torch')}, "
+        f"device {machine.get('device')}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
         + (f"; load average {machine['load_average_1_5_15min_at_start']} at start, "
            f"{machine.get('load_average_1_5_15min_at_end')} at end"
