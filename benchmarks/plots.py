@@ -73,6 +73,7 @@ def plot_curves(results: Dict[str, Any], path: Path) -> None:
     axes[1].set_title("collapse indicator (higher = less collapse)", fontsize=9)
     axes[1].set_ylabel("mean std of l2-normalised projections")
     axes[1].axhline(results["collapse_isotropic_max"], color="gray", ls="--", lw=1, label=f"1/sqrt({dim}): isotropic")
+    axes[1].set_ylim(bottom=0)  # from 0 (complete collapse), so small differences near the maximum look small
     axes[2].set_title("effective rank (also sees dimensional collapse)", fontsize=9)
     axes[2].set_ylabel(f"effective rank of projections (max {dim})")
     from matplotlib.ticker import MaxNLocator
