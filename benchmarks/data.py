@@ -237,7 +237,7 @@ class FashionMNISTData(InMemoryData):
     """Fashion-MNIST (28x28 grey, 10 classes), read from its IDX files without any network.
 
     ``subset`` takes the first N training images and ``test_subset`` the first N test images
-    (both files are class-balanced throughout, so a prefix is close to balanced). Views: up to
+    (prefixes are close to balanced: 186-216 per class in the first 2,000 training images). Views: up to
     15 degrees of rotation, 0.8-1.2 zoom, 3 px of shift, horizontal flips (garments are
     roughly mirror-symmetric), contrast/brightness, noise and an erased 8x8 square.
     """
