@@ -30,6 +30,25 @@ def small_cnn(in_chans: int) -> nn.Module:
     )
 
 
+def fashion_cnn(in_chans: int) -> nn.Module:
+    """Three 3x3 conv-BN-ReLU layers (16, 32, 64 channels), 2x2 max-pooling after the first two,
+    global pooling: 64-d features, about 23k parameters.
+
+    Sized for 28x28 grey images on one CPU core: 2x2 pooling after each of the first two
+    layers keeps the forward pass near 2 MFLOP-multiply-adds per image; twice the channels
+    made a training step 2.5x slower (measured, 1 thread).
+    """
+    return nn.Sequential(
+        *_conv_bn_relu(in_chans, 16),
+        nn.MaxPool2d(2),
+        *_conv_bn_relu(16, 32),
+        nn.MaxPool2d(2),
+        *_conv_bn_relu(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
 def resnet18_cifar(in_chans: int) -> nn.Module:
     """torchvision ResNet-18 with the CIFAR stem (3x3 stride-1 first conv, no max-pool), 512-d features."""
     import torchvision
@@ -60,6 +79,7 @@ def timm_backbone(model_name: str, in_chans: int) -> nn.Module:
 
 BACKBONES: Dict[str, Callable[[int], nn.Module]] = {
     "small-cnn": small_cnn,
+    "fashion-cnn": fashion_cnn,
     "resnet18": resnet18_cifar,
     "resnet18-imagenet-stem": resnet18_imagenet_stem,
 }

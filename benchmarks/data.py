@@ -8,8 +8,9 @@ Registry :data:`DATASETS` maps a name to a factory returning an object with
 - ``labelled(split, batch_size, device)``: ``(x, y)`` batches of un-augmented images,
   ``split`` being ``"train"`` or ``"test"``.
 
-``digits`` (scikit-learn's bundled 8x8 handwritten digits) works offline and is augmented
-batch-wise on the training device; ``cifar10`` and ``stl10`` come from torchvision and
+``digits`` (scikit-learn's bundled 8x8 handwritten digits) and ``fashion-mnist`` (28x28,
+read from its IDX files: the Debian package ``dataset-fashion-mnist`` or a torchvision
+download) work offline and are augmented batch-wise on the training device; ``cifar10`` and ``stl10`` come from torchvision and
 use lightly's ``BYOLTransform`` per sample in DataLoader workers, as lightly's own
 examples do.
 """
@@ -20,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,17 @@ class DatasetDefaults:
     hidden_dim: int
 
 
-# --------------------------------------------------------------------------- digits
-class DigitAugment:
-    """Random views of 8x8 digits, sampled per image and applied to a whole batch at once.
+# ------------------------------------------------------------------ grey images
+class GreyAugment:
+    """Random views of small grey images, sampled per image and applied to a whole batch at once.
 
-    Digits are not mirror-symmetric and have one channel, so instead of crops, flips and
-    colour jitter this uses a small random affine warp (rotation, zoom, shift by about a
-    pixel), random contrast/brightness, additive Gaussian noise and, with probability
-    ``erase_prob``, one erased 3x3 patch. Inputs are raw intensities in [0, 1]; the output
-    is standardised with the training-set mean and std.
+    Small grey images get no colour jitter and little room to crop, so instead this uses a
+    random affine warp (rotation, zoom, shift), an optional horizontal flip, random
+    contrast/brightness, additive Gaussian noise and, with probability ``erase_prob``, one
+    erased ``erase_px`` square. Inputs are raw intensities in [0, 1]; the output is
+    standardised with the training-set mean and std. Batch-wise on the training device,
+    because per-sample torchvision transforms in DataLoader workers would need the CPU
+    cores the training itself uses.
     """
 
     def __init__(
@@ -59,19 +62,23 @@ class DigitAugment:
         max_rotation_deg: float = 15.0,
         scale: Tuple[float, float] = (0.85, 1.15),
         max_shift_px: float = 1.0,
+        flip_prob: float = 0.0,
         contrast: Tuple[float, float] = (0.6, 1.4),
         brightness: float = 0.2,
         noise_std: float = 0.1,
         erase_prob: float = 0.5,
+        erase_px: int = 3,
     ) -> None:
         self.mean, self.std = mean, std
         self.max_rotation = math.radians(max_rotation_deg)
         self.scale = scale
         self.max_shift_px = max_shift_px
+        self.flip_prob = flip_prob
         self.contrast = contrast
         self.brightness = brightness
         self.noise_std = noise_std
         self.erase_prob = erase_prob
+        self.erase_px = erase_px
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         n, _, h, w = images.shape
@@ -84,52 +91,45 @@ class DigitAugment:
         angle = uniform(-self.max_rotation, self.max_rotation, n)
         zoom = uniform(*self.scale, n)
         shift = uniform(-1.0, 1.0, n, 2) * (2.0 * self.max_shift_px / w)  # pixels -> [-1, 1] coords
+        flip = torch.where(torch.rand(n, generator=generator) < self.flip_prob, -1.0, 1.0).to(device)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                             torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         views = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
         views = views * uniform(*self.contrast, n, 1, 1, 1) + uniform(-self.brightness, self.brightness, n, 1, 1, 1)
         views = views + self.noise_std * torch.randn(views.shape, generator=generator).to(device)
 
+        size = self.erase_px
         erase = (torch.rand(n, generator=generator) < self.erase_prob).to(device)
-        top = torch.randint(0, h - 2, (n,), generator=generator).to(device)
-        left = torch.randint(0, w - 2, (n,), generator=generator).to(device)
+        top = torch.randint(0, h - size + 1, (n,), generator=generator).to(device)
+        left = torch.randint(0, w - size + 1, (n,), generator=generator).to(device)
         rows = torch.arange(h, device=device).view(1, h, 1)
         cols = torch.arange(w, device=device).view(1, 1, w)
-        patch = (rows >= top.view(n, 1, 1)) & (rows < top.view(n, 1, 1) + 3)
-        patch = patch & (cols >= left.view(n, 1, 1)) & (cols < left.view(n, 1, 1) + 3)
+        patch = (rows >= top.view(n, 1, 1)) & (rows < top.view(n, 1, 1) + size)
+        patch = patch & (cols >= left.view(n, 1, 1)) & (cols < left.view(n, 1, 1) + size)
         views = views.masked_fill((patch & erase.view(n, 1, 1)).unsqueeze(1), 0.0)
         return (views - self.mean) / self.std
 
 
-class DigitsData:
-    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), a fixed stratified split.
+class InMemoryData:
+    """Images held as one tensor per split, augmented batch-wise (see :class:`GreyAugment`).
 
-    The split (``test_fraction`` of the images, ``random_state=0``) is the same for every
-    run, so seeds vary only initialisation, batch order and augmentations.
+    Subclasses set ``self.images`` / ``self.labels`` (``{"train": ..., "test": ...}``, images
+    in [0, 1]) and call :meth:`_finish`.
     """
 
     channels = 1
     num_classes = 10
-    image_size = 8
-    defaults = DatasetDefaults(backbone="small-cnn", epochs=60, batch_size=128, proj_dim=64, hidden_dim=256)
+    image_size: int
+    defaults: DatasetDefaults
+    images: Dict[str, Tensor]
+    labels: Dict[str, Tensor]
 
-    def __init__(self, test_fraction: float = 0.2, **_: object) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        train_idx, test_idx = train_test_split(
-            torch.arange(len(labels)).numpy(), test_size=test_fraction, stratify=labels.numpy(), random_state=0
-        )
-        self.images = {"train": images[train_idx], "test": images[test_idx]}
-        self.labels = {"train": labels[train_idx], "test": labels[test_idx]}
-        mean, std = float(self.images["train"].mean()), float(self.images["train"].std())
-        self.mean, self.std = mean, std
-        self.augment = DigitAugment(mean, std)
+    def _finish(self, **augment: object) -> None:
+        self.mean, self.std = float(self.images["train"].mean()), float(self.images["train"].std())
+        self.augment = GreyAugment(self.mean, self.std, **augment)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.labels["train"])
@@ -149,6 +149,112 @@ class DigitsData:
         for start in range(0, len(labels), batch_size):
             x = (images[start : start + batch_size] - self.mean) / self.std
             yield x.to(device), labels[start : start + batch_size]
+
+
+class DigitsData(InMemoryData):
+    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), a fixed stratified split.
+
+    The split (``test_fraction`` of the images, ``random_state=0``) is the same for every
+    run, so seeds vary only initialisation, batch order and augmentations. Digits are not
+    mirror-symmetric: no flips; about a pixel of shift and a 3x3 erased patch.
+    """
+
+    image_size = 8
+    defaults = DatasetDefaults(backbone="small-cnn", epochs=60, batch_size=128, proj_dim=64, hidden_dim=256)
+
+    def __init__(self, test_fraction: float = 0.2, subset: Optional[int] = None, **_: object) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        train_idx, test_idx = train_test_split(
+            torch.arange(len(labels)).numpy(), test_size=test_fraction, stratify=labels.numpy(), random_state=0
+        )
+        train_idx = train_idx[:subset]
+        self.images = {"train": images[train_idx], "test": images[test_idx]}
+        self.labels = {"train": labels[train_idx], "test": labels[test_idx]}
+        self._finish()
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+#: Where ``apt-get install dataset-fashion-mnist`` (Debian/Ubuntu) puts the IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_INSTALL = (
+    "Install it with `sudo apt-get update && sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts "
+    f"the files in {DEBIAN_FASHION_MNIST}), or download it once with `python -c \"import torchvision; "
+    "torchvision.datasets.FashionMNIST('data', download=True)\"` and pass `--data-dir data`."
+)
+
+
+def fashion_mnist_folders(data_dir: Optional[Path]) -> List[Path]:
+    """Folders searched for the IDX files, in order: ``data_dir`` itself and its torchvision
+    layout (``FashionMNIST/raw``), then the Debian package's folder."""
+    folders = [] if data_dir is None else [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
+    return folders + [DEBIAN_FASHION_MNIST]
+
+
+def _idx_file(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_fashion_mnist(data_dir: Optional[Path]) -> Dict[Tuple[str, str], Path]:
+    """The four IDX files (gzipped or not) from the first folder that has all of them."""
+    for folder in fashion_mnist_folders(data_dir):
+        files = {key: _idx_file(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
+        if all(files.values()):
+            return files  # type: ignore[return-value]
+    searched = ", ".join(str(f) for f in fashion_mnist_folders(data_dir))
+    raise FileNotFoundError(f"Fashion-MNIST's IDX files were not found (searched {searched}). {FASHION_MNIST_INSTALL}")
+
+
+def read_idx(path: Path) -> Tensor:
+    """An IDX file (the MNIST format: big-endian dims after a 4-byte magic) as a uint8 tensor."""
+    import gzip
+
+    import numpy as np
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:  # type: ignore[operator]
+        raw = f.read()
+    zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return torch.from_numpy(data.reshape(shape).copy())
+
+
+class FashionMNISTData(InMemoryData):
+    """Fashion-MNIST (28x28 grey, 10 classes), read from its IDX files without any network.
+
+    ``subset`` takes the first N training images and ``test_subset`` the first N test images
+    (prefixes are close to balanced: 186-216 per class in the first 2,000 training images). Views: up to
+    15 degrees of rotation, 0.8-1.2 zoom, 3 px of shift, horizontal flips (garments are
+    roughly mirror-symmetric), contrast/brightness, noise and an erased 8x8 square.
+    """
+
+    image_size = 28
+    # The committed CPU benchmark's settings (docs/benchmarks/fashion-mnist-*); it adds --subset 2000.
+    defaults = DatasetDefaults(backbone="fashion-cnn", epochs=3, batch_size=128, proj_dim=128, hidden_dim=512)
+
+    def __init__(self, data_dir: Optional[Path] = None, subset: Optional[int] = None,
+                 test_subset: Optional[int] = None, **_: object) -> None:
+        files = find_fashion_mnist(data_dir)
+        limits = {"train": subset, "test": test_subset}
+        self.images, self.labels = {}, {}
+        for split, limit in limits.items():
+            self.images[split] = read_idx(files[split, "images"])[:limit].unsqueeze(1).float() / 255.0
+            self.labels[split] = read_idx(files[split, "labels"])[:limit].long()
+        self._finish(max_rotation_deg=15.0, scale=(0.8, 1.2), max_shift_px=3.0, flip_prob=0.5, erase_px=8)
 
 
 # ---------------------------------------------------------------------- torchvision
@@ -172,7 +278,7 @@ class TorchvisionData:
     num_classes = 10
 
     def __init__(self, spec: TorchvisionSpec, data_dir: Path, download: bool = False, workers: int = 4,
-                 **_: object) -> None:
+                 subset: Optional[int] = None, test_subset: Optional[int] = None, **_: object) -> None:
         import torchvision
         import torchvision.transforms as T
         from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
@@ -205,10 +311,13 @@ class TorchvisionData:
                     "Pass --download to fetch it, or point --data-dir at an existing copy."
                 ) from error
 
-        self.ssl = load(spec.ssl_split, True, ssl_transform)
+        def first(dataset: torch.utils.data.Dataset, limit: Optional[int]) -> torch.utils.data.Dataset:
+            return dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+
+        self.ssl = first(load(spec.ssl_split, True, ssl_transform), subset)
         self.splits = {
-            "train": load("train" if spec.ssl_split else None, True, eval_transform),
-            "test": load("test", False, eval_transform),
+            "train": first(load("train" if spec.ssl_split else None, True, eval_transform), subset),
+            "test": first(load("test", False, eval_transform), test_subset),
         }
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -250,15 +359,17 @@ STL10 = TorchvisionSpec(
 #: Dataset name -> factory(data_dir=..., download=..., workers=...).
 DATASETS: Dict[str, Callable[..., object]] = {
     "digits": DigitsData,
+    "fashion-mnist": FashionMNISTData,
     "cifar10": _torchvision(CIFAR10),
     "stl10": _torchvision(STL10),
 }
 
 
 def build_dataset(name: str, *, data_dir: Path = Path("data"), download: bool = False,
-                  workers: Optional[int] = None):
+                  workers: Optional[int] = None, subset: Optional[int] = None, test_subset: Optional[int] = None):
     if name not in DATASETS:
         raise ValueError(f"--dataset must be one of {sorted(DATASETS)}, got {name!r}")
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    return DATASETS[name](data_dir=Path(data_dir), download=download, workers=workers)
+    return DATASETS[name](data_dir=Path(data_dir), download=download, workers=workers, subset=subset,
+                          test_subset=test_subset)

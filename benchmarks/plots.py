@@ -42,33 +42,57 @@ def plot_accuracy(results: Dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    cfg = results["config"]
-    seeds = len(cfg["seeds"])
-    fig.suptitle(f"BYOL predictors on {cfg['dataset']} ({cfg['backbone']}, {cfg['epochs']} epochs, "
-                 f"{seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
+    seeds = len(results["config"]["seeds"])
+    fig.suptitle(f"{_title(results)}: marker and bar = mean ± std over {seeds} seed{'s' if seeds > 1 else ''}, "
+                 "black dots = single seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_curves(results: Dict[str, Any], path: Path) -> None:
-    """Training loss and collapse indicator per epoch: line = mean over seeds, band = min..max."""
+    """Per epoch: training loss, collapse indicator and effective rank of the online projections.
+
+    Line = mean over seeds, shaded band = min..max over seeds.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    keys = ("loss", "collapse", "effective_rank")
     for i, name in enumerate(_predictors(results)):
         runs = [r for r in results["runs"] if r["predictor"] == name]
         epochs = runs[0]["history"]["epoch"]
-        for ax, key in zip(axes, ("loss", "collapse")):
+        for ax, key in zip(axes, keys):
+            if key not in runs[0]["history"]:
+                continue
             values = np.array([r["history"][key] for r in runs])
-            ax.plot(epochs, values.mean(0), color=f"C{i}", label=name)
+            ax.plot(epochs, values.mean(0), color=f"C{i}", label=name, marker="o" if len(epochs) < 10 else None)
             ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i}", alpha=0.15, lw=0)
-    axes[0].set_title("training loss (negative cosine)")
-    axes[1].set_title("collapse indicator of online projections")
-    axes[1].axhline(results["collapse_isotropic_max"], color="gray", ls="--", lw=1, label="1/sqrt(d)")
+    dim = results["config"]["proj_dim"]
+    axes[0].set_title("training loss (negative cosine)\nlowest is not best: a collapsed model reaches -1", fontsize=9)
+    axes[0].set_ylabel("loss")
+    axes[1].set_title("collapse indicator (higher = less collapse)", fontsize=9)
+    axes[1].set_ylabel("mean std of l2-normalised projections")
+    axes[1].axhline(results["collapse_isotropic_max"], color="gray", ls="--", lw=1, label=f"1/sqrt({dim}): isotropic")
+    axes[1].set_ylim(bottom=0)  # from 0 (complete collapse), so small differences near the maximum look small
+    axes[2].set_title("effective rank (also sees dimensional collapse)", fontsize=9)
+    axes[2].set_ylabel(f"effective rank of projections (max {dim})")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    seeds = len(results["config"]["seeds"])
+    fig.suptitle(f"{_title(results)}: line = mean over {seeds} seed{'s' if seeds > 1 else ''}, "
+                 "band = min..max over seeds; collapse measures on each epoch's online projections", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(results: Dict[str, Any]) -> str:
+    cfg = results["config"]
+    method = {"byol": "BYOL", "simsiam": "SimSiam"}.get(cfg.get("method", "byol"), cfg.get("method"))
+    return f"{method} on {cfg['dataset']} ({cfg['backbone']}, {cfg['epochs']} epochs)"

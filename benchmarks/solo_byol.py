@@ -4,7 +4,7 @@ The model is solo-learn's own ``BYOL`` LightningModule, taken from ``solo.method
 after :func:`directpred_plugin.solo.register`, with a cfg built the way solo-learn's method
 tests build one. The predictor is picked the way a solo-learn user picks it, by
 ``method_kwargs.predictor`` (``mlp``: solo-learn's own MLP; ``directpred``: the plugin's
-head, options under ``method_kwargs.directpred``), from :attr:`PredictorSpec.solo_kwargs`.
+head, options under ``method_kwargs.directpred``), from :attr:`~.predictors.PredictorSpec.solo_kwargs`.
 solo-learn's config has no linear or identity predictor, so ``linear`` and ``none`` are
 refused rather than patched in behind solo-learn's back.
 
@@ -33,7 +33,8 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from .compare import PREDICTORS, MethodConfig
+from .methods import MethodConfig
+from .predictors import PREDICTORS, solo_method_kwargs
 
 #: compare ``--backbone`` name -> (solo-learn ``backbone.name``, use its CIFAR stem).
 SOLO_BACKBONES: Dict[str, Tuple[str, bool]] = {
@@ -61,7 +62,7 @@ def solo_config(cfg: MethodConfig) -> Any:
     """The solo-learn cfg (an OmegaConf DictConfig) of one BYOL model."""
     from omegaconf import OmegaConf
 
-    solo_kwargs = PREDICTORS[cfg.predictor].solo_kwargs
+    solo_kwargs = solo_method_kwargs(cfg.predictor)
     if solo_kwargs is None:
         supported = [name for name, spec in PREDICTORS.items() if spec.solo_kwargs is not None]
         raise ValueError(f"solo-learn cannot build predictor {cfg.predictor!r}; it supports {supported}")
@@ -104,7 +105,7 @@ def solo_config(cfg: MethodConfig) -> Any:
 
 
 class SoloBYOL(nn.Module):
-    """solo-learn's BYOL with the interface the compare loop drives (see ``compare.LightlyBYOL``).
+    """solo-learn's BYOL with the interface the compare loop drives (see ``methods.LightlyBYOL``).
 
     ``self.solo`` is the ``solo.methods.METHODS["byol"]`` module; its predictor is solo-learn's
     MLP or, for the DirectPred predictors, the plugin's :class:`~directpred_plugin.DirectPredHead`.

@@ -28,6 +28,9 @@ from torch import nn
 
 from directpred_plugin import VARIANTS, DirectPredHead
 
+from .predictors import parse_predictor_spec
+from .threads import torch_threads
+
 
 def byol_mlp(dim: int) -> nn.Module:
     """BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU."""
@@ -53,13 +56,16 @@ BASELINES: Dict[str, Callable[[int], nn.Module]] = {
 
 
 def parse_head_spec(spec: str) -> Dict[str, object]:
-    """``"directpred"``, ``"directcopy:freq=5"``, ``"directpred:freq=5,refresh=exact"`` -> head kwargs."""
-    variant, _, options = spec.partition(":")
-    kwargs: Dict[str, object] = {"variant": variant}
-    for item in filter(None, options.split(",")):
-        key, _, value = item.partition("=")
-        kwargs[key] = int(value) if value.isdigit() else value
-    return kwargs
+    """``"directpred"``, ``"directcopy:freq=5"``, ``"directpred:eps=0.05,refresh=exact"`` -> head kwargs.
+
+    The same ``name:key=value,...`` syntax as ``compare --predictors`` (values are Python
+    literals or bare words), the name being the head's variant.
+    """
+    variant, options = parse_predictor_spec(spec)
+    if variant not in VARIANTS:
+        raise ValueError(f"--predictors {spec!r}: expected {', '.join(BASELINES)} or a head variant "
+                         f"({', '.join(VARIANTS)}) with options, e.g. directpred:eps=0.05,freq=5")
+    return {"variant": variant, **options}
 
 
 @dataclass
@@ -140,11 +146,15 @@ def measure(
     progress: bool = True,
 ) -> List[SpeedRow]:
     """Median over ``rounds`` of the mean per-call time of blocks of ``calls // rounds`` calls."""
+    from tqdm.auto import tqdm
+
     dev = torch.device(device)
     torch.manual_seed(seed)
     rows: List[SpeedRow] = []
     per_block = max(calls // rounds, 1)
+    bar = tqdm(total=len(dims) * rounds, desc="speed (dim x round)", disable=not progress, dynamic_ncols=True)
     for dim in dims:
+        bar.set_postfix(dim=dim)
         modules = {name: _build(name, dim, dev) for name in predictors}
         gen = torch.Generator(device="cpu").manual_seed(seed + dim)
         inputs = [
@@ -156,6 +166,7 @@ def measure(
         for _ in range(rounds):
             for name, module in modules.items():
                 samples[name].append(_time_block(module, inputs, dev))
+            bar.update()
         medians = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
         for name in predictors:
             row = SpeedRow(
@@ -180,7 +191,8 @@ def measure(
                     row.max_error = max(found) if found else None
             rows.append(row)
         if progress:
-            print(format_table([r for r in rows if r.dim == dim]), flush=True)
+            bar.write(format_table([r for r in rows if r.dim == dim]))
+    bar.close()
     return rows
 
 
@@ -221,26 +233,30 @@ DEFAULT_PREDICTORS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
-    parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS,
-                        help="byol-mlp, simsiam-mlp, floor, or head specs like 'directpred:freq=5,refresh=iterative'")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048], help="predictor widths")
+    parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
+                        help="byol-mlp, simsiam-mlp, floor, or head specs variant:key=value,... with Python-literal "
+                             "values, e.g. 'directpred:eps=0.05,freq=5,refresh=iterative'")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per call")
     parser.add_argument("--calls", type=int, default=100, help="timed calls per configuration")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-errors", dest="errors", action="store_false",
                         help="skip the untimed replay that measures each refresh against the exact rule")
     parser.add_argument("--out", type=Path, default=None, help="folder for speed.json and speed.md")
 
 
 def run(args: argparse.Namespace) -> List[SpeedRow]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
-    rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,
-                   rounds=args.rounds, device=args.device, errors=args.errors)
+    for spec in args.predictors:
+        if spec not in BASELINES:
+            parse_head_spec(spec)  # bad names and values fail before any timing
+    with torch_threads(args.threads):
+        rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,
+                       rounds=args.rounds, device=args.device, errors=args.errors, progress=not args.no_progress)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speed.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))

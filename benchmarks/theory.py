@@ -45,6 +45,8 @@ from torch import Tensor
 from directpred_plugin import DirectPredHead
 from directpred_plugin.functional import eigenspace_alignment
 
+from .threads import torch_threads
+
 SCHEMA = "directpred-bench/theory/1"
 
 
@@ -163,7 +165,7 @@ SCENARIOS: Dict[str, Scenario] = {
                                  expected="collapse"),
     "gradient-predictor": Scenario("c", "SGD-trained W_p", "gradient"),
     "directpred-sqrt": Scenario("c", "DirectPred unnormalised, p_j = sqrt(s_j)", "directpred-sqrt"),
-    "directpred": Scenario("c", "DirectPred head as shipped, p_j = sqrt(s_j / max s) + eps", "directpred"),
+    "directpred": Scenario("c", "DirectPred head as shipped, p_j = sqrt(s_j / max s) + eps: scale pinned near 1, which only this L2 loss penalises (not a bug: no collapse under the cosine loss of BYOL/SimSiam, see below)", "directpred"),
     "symmetric-predictor": Scenario("d", "SGD-trained symmetric W_p", "gradient-symmetric"),
 }
 
@@ -404,15 +406,15 @@ def write_outputs(results: Dict[str, Any], out: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = LinearSetting()
-    parser.add_argument("--dim", type=int, default=d.dim)
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--dim", type=int, default=d.dim, help="width of the linear model")
+    parser.add_argument("--batch", type=int, default=d.batch, help="samples per step")
+    parser.add_argument("--steps", type=int, default=d.steps, help="training steps per run")
+    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
     parser.add_argument("--ema-rate", type=float, default=d.ema_rate, help="beta in W_a += beta (W - W_a)")
     parser.add_argument("--noise", type=float, default=d.noise, help="augmentation noise variance sigma^2")
     parser.add_argument("--runs", type=int, default=d.runs, help="independent runs per scenario")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the first run")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), metavar="NAME",
                         help=f"any of {', '.join(SCENARIOS)}")
     parser.add_argument("--sweep-weight-decay", type=float, nargs="*", default=DEFAULT_SWEEP_WEIGHT_DECAY,
@@ -422,20 +424,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: the matrices are tiny); 0 keeps PyTorch's default")
     parser.add_argument("--out", type=Path, default=None, help="folder (default runs/theory-<time>)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     for name in ("dim", "batch", "steps", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:

@@ -10,6 +10,9 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
+from directpred_plugin.benchmarks.predictors import PREDICTORS
+from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA
+from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks.data import DigitsData, build_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,7 +23,7 @@ def tiny_run(tmp_path_factory):
     """The CLI on a tiny configuration: 1 epoch, 2 predictors, 2 seeds, small model."""
     out = tmp_path_factory.mktemp("compare")
     argv = ["compare", "--epochs", "1", "--seeds", "0", "1", "--predictors", "directpred", "none",
-            "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--threads", "1",
+            "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--threads", "1", "--jobs", "1",
             "--no-progress", "--out", str(out)]
     threads = torch.get_num_threads()
     assert cli.main(argv) == 0
@@ -38,7 +41,7 @@ def test_cli_writes_all_result_files(tiny_run):
 
 def test_results_json_schema(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
-    assert results["schema"] == compare.SCHEMA
+    assert results["schema"] == SCHEMA
     assert results["config"]["predictors"] == ["directpred", "none"]
     assert results["config"]["backbone"] == "small-cnn"  # filled in from the dataset defaults
     assert results["collapse_isotropic_max"] == pytest.approx(16 ** -0.5)
@@ -69,8 +72,9 @@ def test_results_json_schema(tiny_run):
 def test_results_csv_and_markdown(tiny_run):
     with open(tiny_run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == compare.CSV_COLUMNS
+    assert list(rows[0]) == CSV_COLUMNS
     assert [r["predictor"] for r in rows] == ["directpred", "none", "directpred", "none"]
+    assert {r["method"] for r in rows} == {"byol"}
     assert all(0.0 <= float(r["knn_top1"]) <= 1.0 for r in rows)
     table = (tiny_run / "results.md").read_text()
     assert "| predictor | kNN top-1 (%)" in table
@@ -83,8 +87,8 @@ def test_every_predictor_builds_and_runs_a_step():
     cfg = compare.CompareConfig(proj_dim=8, hidden_dim=16, batch_size=16, epochs=1).resolve(data.defaults)
     gen = torch.Generator().manual_seed(0)
     x0, x1 = next(data.views(16, gen, torch.device("cpu")))
-    for name, spec in compare.PREDICTORS.items():
-        method = compare.build_method(cfg, data, name, seed=0)
+    for name, spec in PREDICTORS.items():
+        method = build_method(cfg, data, name, seed=0)
         loss, z0 = method.training_loss(x0, x1)
         loss.backward()
         assert torch.isfinite(loss) and z0.shape == (16, 8), name
@@ -97,9 +101,9 @@ def test_every_predictor_builds_and_runs_a_step():
 def test_same_seed_gives_every_predictor_the_same_start():
     data = DigitsData()
     cfg = compare.CompareConfig(proj_dim=8, hidden_dim=16).resolve(data.defaults)
-    a = compare.build_method(cfg, data, "mlp", seed=3)
-    b = compare.build_method(cfg, data, "directpred", seed=3)
-    c = compare.build_method(cfg, data, "directpred", seed=4)
+    a = build_method(cfg, data, "mlp", seed=3)
+    b = build_method(cfg, data, "directpred", seed=3)
+    c = build_method(cfg, data, "directpred", seed=4)
     for pa, pb in zip(a.backbone.parameters(), b.backbone.parameters()):
         assert torch.equal(pa, pb)
     for pa, pb in zip(a.projection_head.parameters(), b.projection_head.parameters()):
@@ -148,3 +152,80 @@ def test_torchvision_path_with_lightly_transforms(tmp_path, monkeypatch):
     results = compare.compare(cfg)
     (run,) = results["runs"]
     assert run["steps"] == 3 and 0.0 <= run["knn_top1"] <= 1.0
+
+
+def test_parallel_runs_give_the_serial_numbers(tiny_run, tmp_path):
+    """--jobs 2 (spawned workers, one thread each) reproduces the serial run of the same jobs."""
+    argv = ["compare", "--epochs", "1", "--seeds", "0", "--predictors", "directpred", "--proj-dim", "16",
+            "--hidden-dim", "32", "--batch-size", "128", "--threads", "1", "--jobs", "2", "--no-progress",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    parallel = json.loads((tmp_path / "results.json").read_text())
+    serial = json.loads((tiny_run / "results.json").read_text())
+    assert parallel["config"]["jobs"] == 2 and parallel["complete"]
+    (run,) = parallel["runs"]
+    (reference,) = [r for r in serial["runs"] if (r["predictor"], r["seed"]) == ("directpred", 0)]
+    for key in ("knn_top1", "linear_top1", "collapse", "effective_rank", "alignment"):
+        assert run[key] == reference[key], key
+    assert run["history"]["loss"] == reference["history"]["loss"]
+    assert parallel["untrained"][0]["knn_top1"] == serial["untrained"][0]["knn_top1"]
+
+
+def test_results_are_saved_after_every_run(tmp_path, monkeypatch):
+    """An interrupted compare leaves the finished runs on disk, marked incomplete."""
+    from directpred_plugin.benchmarks import compare as compare_module
+
+    calls = []
+    real = compare_module.run_job
+
+    def interrupted(cfg, job, position=1):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, job, position)
+
+    monkeypatch.setattr(compare_module, "run_job", interrupted)
+    cfg = compare.CompareConfig(predictors=["directpred", "none"], seeds=[0], epochs=1, proj_dim=8, hidden_dim=16,
+                                subset=256, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["complete"] and results["planned_runs"] == 2
+    assert [r["predictor"] for r in results["runs"]] == ["directpred"] and len(results["untrained"]) == 1
+    assert "incomplete: 1 of 2 runs" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_simsiam_is_lightlys_without_a_target():
+    from lightly.models.modules.heads import SimSiamPredictionHead, SimSiamProjectionHead
+
+    data = DigitsData()
+    cfg = compare.CompareConfig(method="simsiam", proj_dim=16, hidden_dim=32).resolve(data.defaults)
+    mlp = build_method(cfg, data, "mlp", seed=0)
+    assert isinstance(mlp.projection_head, SimSiamProjectionHead)
+    assert isinstance(mlp.predictor, SimSiamPredictionHead)
+    assert mlp.predictor.layers[0].out_features == 4  # the paper's d/4 bottleneck
+    assert not any("momentum" in name for name, _ in mlp.named_modules())
+    head = build_method(cfg, data, "directpred:eps=0.1", seed=0)
+    x0, x1 = next(data.views(16, torch.Generator().manual_seed(0), torch.device("cpu")))
+    loss, z0 = head.training_loss(x0, x1)
+    loss.backward()
+    assert -1.0 <= loss.item() <= 1.0 and z0.shape == (16, 16)
+    assert head.predictor.eps == 0.1 and int(head.predictor.num_updates) == 1
+
+
+def test_predictor_specs_parse_literals_and_name_bad_ones():
+    from directpred_plugin.benchmarks.predictors import build_predictor, parse_predictor_spec
+
+    assert parse_predictor_spec("directpred:eps=0.05,freq=5,trainable=True,refresh=exact") == (
+        "directpred", {"eps": 0.05, "freq": 5, "trainable": True, "refresh": "exact"})
+    assert parse_predictor_spec("mlp") == ("mlp", {})
+    assert build_predictor("directpred:eps=0", 8, 8).eps == 0
+    with pytest.raises(ValueError, match=r"eps='0\.0\.5': expected a number"):
+        parse_predictor_spec("directpred:eps=0.0.5")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_predictor_spec("directpred:eps")
+    with pytest.raises(ValueError, match="directpred:epsilon=0.1"):
+        compare.compare(compare.CompareConfig(predictors=["directpred:epsilon=0.1"]))
+    with pytest.raises(ValueError, match="names a predictor twice"):
+        compare.compare(compare.CompareConfig(predictors=["none", "none"]))

@@ -16,6 +16,10 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
+from directpred_plugin.benchmarks.frameworks import FRAMEWORKS
+from directpred_plugin.benchmarks.predictors import PREDICTORS, solo_method_kwargs
+from directpred_plugin.benchmarks.report import SCHEMA
+from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks import data as bench_data
 from directpred_plugin.benchmarks.data import STL10, DigitsData
 
@@ -47,7 +51,7 @@ def test_defaults_follow_the_framework():
     assert solo.backbone == "resnet18"  # digits' small-cnn is not a solo-learn backbone
     assert compare.CompareConfig(framework="solo").resolve(STL10.defaults).backbone == "resnet18-imagenet-stem"
     lightly = compare.CompareConfig().resolve(DigitsData.defaults)
-    assert lightly.predictors == list(compare.PREDICTORS) and lightly.backbone == "small-cnn"
+    assert lightly.predictors == list(PREDICTORS) and lightly.backbone == "small-cnn"
 
 
 def test_without_solo_learn_it_fails_before_loading_data(monkeypatch, tmp_path):
@@ -68,7 +72,7 @@ def test_without_solo_learn_it_fails_before_loading_data(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def solo_methods():
     pytest.importorskip("solo.methods", reason=SOLO_MISSING)
-    compare.FRAMEWORKS["solo"].require()
+    FRAMEWORKS["solo"].require()
     from solo.methods import METHODS
 
     return METHODS
@@ -97,7 +101,7 @@ def tiny_solo_run(solo_methods, tmp_path_factory):
 
 def test_solo_run_results(tiny_solo_run):
     results, out = tiny_solo_run
-    assert results["schema"] == compare.SCHEMA
+    assert results["schema"] == SCHEMA
     assert results["config"]["framework"] == "solo" and results["config"]["backbone"] == "resnet18"
     runs = results["runs"]
     assert [(r["predictor"], r["seed"]) for r in runs] == [("mlp", 0), ("directpred", 0)]
@@ -119,7 +123,7 @@ def test_solo_run_results(tiny_solo_run):
 
 def build(predictor, seed=0, backbone="resnet18"):
     cfg = compare.CompareConfig(framework="solo", backbone=backbone, proj_dim=8, hidden_dim=16)
-    return compare.build_method(cfg.resolve(DigitsData.defaults), DigitsData, predictor, seed)
+    return build_method(cfg.resolve(DigitsData.defaults), DigitsData, predictor, seed)
 
 
 def test_the_predictor_comes_from_solos_config_key(solo_methods):
@@ -129,7 +133,7 @@ def test_the_predictor_comes_from_solos_config_key(solo_methods):
     for name in SOLO_PREDICTORS:
         model = build(name)
         assert isinstance(model.solo, solo_methods["byol"]) and isinstance(model.solo, solo.methods.BYOL)
-        assert model.solo.cfg.method_kwargs.predictor == compare.PREDICTORS[name].solo_kwargs["predictor"]
+        assert model.solo.cfg.method_kwargs.predictor == solo_method_kwargs(name)["predictor"]
         heads[name] = model.predictor
     assert isinstance(heads["mlp"], torch.nn.Sequential)  # solo-learn's own predictor
     for name in ("directpred", "directpred-hybrid", "directcopy"):

@@ -1,0 +1,87 @@
+"""``compare``'s configuration: every option, its defaults and its validation."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+
+from .frameworks import FRAMEWORKS
+from .predictors import check_predictor, parse_predictor_spec
+
+
+@dataclass
+class CompareConfig:
+    dataset: str = "digits"
+    method: str = "byol"
+    predictors: Optional[List[str]] = None  # None: every predictor the framework builds
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    framework: str = "lightly"
+    backbone: Optional[str] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    proj_dim: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    subset: Optional[int] = None  # training images (None: all)
+    test_subset: Optional[int] = None  # test images (None: all)
+    lr: float = 0.06  # for batch 256, scaled linearly with the batch size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.1
+    ema_start: float = 0.99
+    knn_k: int = 20
+    device: str = "cpu"
+    data_dir: str = "data"
+    download: bool = False
+    workers: Optional[int] = None
+    threads: int = 1
+    jobs: int = 1
+    progress: bool = True
+
+    def resolve(self, defaults: Any) -> "CompareConfig":
+        """Fill the options left as None from the dataset's defaults."""
+        cfg = copy.copy(self)
+        for name in ("epochs", "batch_size", "proj_dim", "hidden_dim"):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, getattr(defaults, name))
+        framework = FRAMEWORKS[cfg.framework]
+        if cfg.predictors is None:
+            cfg.predictors = list(framework.predictors)
+        if cfg.backbone is None:
+            cfg.backbone = framework.default_backbone(defaults.backbone)
+        return cfg
+
+    def validate(self) -> None:
+        if self.framework not in FRAMEWORKS:
+            raise ValueError(f"--framework must be one of {sorted(FRAMEWORKS)}, got {self.framework!r}")
+        framework = FRAMEWORKS[self.framework]
+        if self.method not in framework.methods:
+            raise ValueError(f"--framework {self.framework} builds --method {' or '.join(framework.methods)}, "
+                             f"got {self.method!r}")
+        for spec in self.predictors or ():
+            check_predictor(spec)
+        if len(set(self.predictors or ())) != len(self.predictors or ()):
+            raise ValueError(f"--predictors names a predictor twice: {self.predictors}")
+        inexpressible = [p for p in self.predictors or () if not framework.expresses(parse_predictor_spec(p)[0])]
+        if inexpressible:
+            raise ValueError(
+                f"--framework {self.framework} cannot build predictor(s) {inexpressible}; "
+                f"it supports {list(framework.predictors)}"
+            )
+        if self.backbone is not None and framework.backbones is not None and self.backbone not in framework.backbones:
+            raise ValueError(
+                f"--framework {self.framework} builds --backbone {' or '.join(framework.backbones)}, "
+                f"got {self.backbone!r}"
+            )
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one integer seed")
+        for name in ("epochs", "batch_size", "proj_dim", "hidden_dim", "knn_k", "subset", "test_subset", "jobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
+        framework.require()

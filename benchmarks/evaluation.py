@@ -1,0 +1,54 @@
+"""What ``compare`` measures on a model: probe accuracy of its backbone, collapse of its projections,
+and the eigenspace alignment of a linear predictor."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from directpred_plugin.functional import collapse_indicator, effective_rank, eigenspace_alignment
+
+
+def projection_rank(z: Tensor) -> float:
+    """Effective rank of a batch of projections: ``exp`` of the entropy of the normalised singular
+    values of the centred rows (RankMe, Garrido et al. 2023, with centring).
+
+    1 when every projection lies on one line, ``dim`` for isotropic projections. Unlike the
+    std of normalised outputs it also falls under dimensional collapse, where projections
+    still vary but only along a few directions.
+    """
+    z = z.detach().double()
+    return float(effective_rank(torch.linalg.svdvals(z - z.mean(0))))
+
+
+def evaluate(method: nn.Module, data: Any, batch_size: int, knn_k: int, device: torch.device,
+             matrix: Optional[Callable[[nn.Module], Tensor]]) -> Dict[str, Optional[float]]:
+    """kNN and linear-probe top-1 of the backbone's features (probes fit on the clean training images,
+    scored on the test images), collapse measures of the test projections and, for a one-matrix
+    predictor, its eigenspace alignment with the correlation of the training projections."""
+    from .probes import embed, knn_top1, linear_probe_top1
+
+    batch = max(batch_size, 256)
+    train_x, train_y = embed([method], data.labelled("train", batch, device), method.encode)
+    test_x, test_y = embed([method], data.labelled("test", batch, device), method.encode)
+    test_z, _ = embed([method], data.labelled("test", batch, device), method.project)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on collapsed features
+        metrics: Dict[str, Optional[float]] = {
+            "knn_top1": knn_top1(train_x, train_y, test_x, test_y, k=knn_k),
+            "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y),
+        }
+    metrics["collapse"] = float(collapse_indicator(torch.from_numpy(test_z)))
+    metrics["effective_rank"] = projection_rank(torch.from_numpy(test_z))
+    metrics["alignment"] = None
+    if matrix is not None:
+        train_z, _ = embed([method], data.labelled("train", batch, device), method.project)
+        z = torch.from_numpy(train_z).double()
+        corr = z.T @ z / len(z)  # correlation of the predictor's input (clean training images)
+        value = float(eigenspace_alignment(matrix(method.predictor).detach().cpu(), corr))
+        metrics["alignment"] = value if math.isfinite(value) else None
+    return metrics

@@ -1,0 +1,49 @@
+"""``--framework`` choices for ``compare``: which methods each framework builds, and what it can express."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from torch import nn
+
+from .methods import LightlyBYOL, LightlySimSiam, MethodConfig
+from .predictors import PREDICTORS
+from .solo_byol import SOLO_BACKBONES, SoloBYOL, require_solo
+
+
+def _solo_expressible(name: str) -> bool:
+    return PREDICTORS[name].solo_kwargs is not None
+
+
+@dataclass(frozen=True)
+class Framework:
+    """One ``--framework`` choice: the methods it builds and what it can express."""
+
+    #: ``--method`` name -> builder of a model with the interface above.
+    methods: Dict[str, Callable[[MethodConfig], nn.Module]]
+    #: Whether it can build the :data:`~.predictors.PREDICTORS` name.
+    expresses: Callable[[str], bool] = lambda name: True
+    #: The ``--backbone`` names it can build, the first being its default where the dataset's
+    #: default is not among them; None: every name ``backbones.build_backbone`` knows.
+    backbones: Optional[Tuple[str, ...]] = None
+    #: Raises ImportError, naming how to install the framework, when it is missing.
+    require: Callable[[], None] = lambda: None
+
+    @property
+    def predictors(self) -> Tuple[str, ...]:
+        return tuple(name for name in PREDICTORS if self.expresses(name))
+
+    def default_backbone(self, dataset_default: str) -> str:
+        if self.backbones is None or dataset_default in self.backbones:
+            return dataset_default
+        return self.backbones[0]
+
+
+#: Framework name -> the methods it builds.
+FRAMEWORKS: Dict[str, Framework] = {
+    "lightly": Framework({"byol": LightlyBYOL, "simsiam": LightlySimSiam}),
+    # solo-learn's own BYOL, the predictor chosen through its YAML key (benchmarks/solo_byol.py).
+    "solo": Framework({"byol": SoloBYOL}, expresses=_solo_expressible, backbones=tuple(SOLO_BACKBONES),
+                      require=require_solo),
+}

@@ -1,0 +1,124 @@
+"""The self-supervised methods ``compare`` trains, per framework, with the predictor swapped per run.
+
+Every model offers the interface the training loop drives: ``training_loss(x0, x1) ->
+(loss, online projections of x0)``, ``update_target(momentum)`` (a no-op without a
+target network), ``encode(x)`` (backbone features), ``project(x)`` (online projections)
+and ``predictor``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .predictors import build_predictor
+
+
+@dataclass
+class MethodConfig:
+    """What a framework needs to build one model (it builds the backbone itself)."""
+
+    backbone: str  # a --backbone name
+    in_chans: int
+    image_size: int
+    num_classes: int
+    proj_dim: int
+    hidden_dim: int
+    predictor: str  # a --predictors spec, name[:key=value,...]
+
+
+class LightlyModel(nn.Module):
+    """Backbone + projection head + prediction head, the parts every lightly method here shares."""
+
+    criterion: nn.Module
+    backbone: nn.Module
+    projection_head: nn.Module
+    prediction_head: nn.Module
+
+    @property
+    def predictor(self) -> nn.Module:
+        return self.prediction_head
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.backbone(x).flatten(start_dim=1)
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.projection_head(self.encode(x))
+
+
+class LightlyBYOL(LightlyModel):
+    """BYOL as lightly's ``examples/pytorch/byol.py`` builds it (``BYOLProjectionHead``, EMA target,
+    ``NegativeCosineSimilarity``), the prediction head from :func:`~.predictors.build_predictor`."""
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__()
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules.heads import BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        from .backbones import build_backbone
+
+        self.backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
+        self.projection_head = BYOLProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.prediction_head = build_predictor(cfg.predictor, cfg.proj_dim, cfg.hidden_dim, "byol")
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        z = self.project(x)
+        return self.prediction_head(z), z
+
+    @torch.no_grad()
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    def training_loss(self, x0: Tensor, x1: Tensor) -> Tuple[Tensor, Tensor]:
+        p0, z0 = self(x0)
+        p1, _ = self(x1)
+        loss = 0.5 * (self.criterion(p0, self.forward_momentum(x1)) + self.criterion(p1, self.forward_momentum(x0)))
+        return loss, z0
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        from lightly.models.utils import update_momentum
+
+        update_momentum(self.backbone, self.backbone_momentum, m=momentum)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+
+
+class LightlySimSiam(LightlyModel):
+    """SimSiam as lightly's ``examples/pytorch/simsiam.py`` builds it: ``SimSiamProjectionHead``, no
+    target network, stop-gradient on the projections, symmetric negative cosine. The MLP
+    predictor is ``SimSiamPredictionHead`` with the paper's 4x bottleneck (``proj_dim // 4``)."""
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__()
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules.heads import SimSiamProjectionHead
+
+        from .backbones import build_backbone
+
+        self.backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
+        self.projection_head = SimSiamProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.prediction_head = build_predictor(cfg.predictor, cfg.proj_dim, max(cfg.proj_dim // 4, 1), "simsiam")
+        self.criterion = NegativeCosineSimilarity()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        z = self.project(x)
+        return self.prediction_head(z), z
+
+    def training_loss(self, x0: Tensor, x1: Tensor) -> Tuple[Tensor, Tensor]:
+        p0, z0 = self(x0)
+        p1, z1 = self(x1)
+        loss = 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
+        return loss, z0
+
+    def update_target(self, momentum: float) -> None:
+        """SimSiam has no target network."""

@@ -1,0 +1,165 @@
+"""``compare``'s outputs: the machine description, the per-predictor summary, and the run folder
+(``results.json``, ``results.csv``, ``results.md``, ``accuracy.png``, ``curves.png``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+SCHEMA = "directpred-bench/compare/2"
+
+
+def machine_description(device: torch.device) -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": _cpu_model(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_1_5_15min_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def summarize(runs: Sequence[Dict[str, Any]], predictors: Sequence[str]) -> List[Dict[str, Any]]:
+    metrics = ("knn_top1", "linear_top1", "collapse", "effective_rank", "alignment", "ms_per_step",
+               "peak_memory_mib", "job_seconds")
+    rows = []
+    for name in predictors:
+        mine = [r for r in runs if r["predictor"] == name]
+        if not mine:
+            continue
+        row: Dict[str, Any] = {"predictor": name, "seeds": len(mine), "predictor_params": mine[0]["predictor_params"]}
+        for key in metrics:
+            values = [r[key] for r in mine if r[key] is not None and math.isfinite(r[key])]
+            row[f"{key}_mean"] = float(np.mean(values)) if values else None
+            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+CSV_COLUMNS = [
+    "method", "predictor", "seed", "knn_top1", "linear_top1", "collapse", "effective_rank", "alignment", "steps",
+    "train_seconds", "job_seconds", "ms_per_step", "peak_memory_mib", "memory_kind", "predictor_params",
+    "predictor_buffers",
+]
+
+
+def _fmt(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 1) -> str:
+    if mean is None:
+        return "–"
+    text = f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(results: Dict[str, Any]) -> str:
+    cfg = results["config"]
+    machine = results["machine"]
+    memory_kind = results["runs"][0]["memory_kind"] if results["runs"] else ""
+    subset = f"the first {cfg['subset']:,} training images" if cfg.get("subset") else "all training images"
+    lines = [
+        f"{METHOD_TITLES.get(cfg['method'], cfg['method'])} on `{cfg['dataset']}` ({subset}) with a "
+        f"`{cfg['backbone']}` backbone via `{cfg['framework']}`, {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+        f"projection dim {cfg['proj_dim']} (hidden {cfg['hidden_dim']}); mean ± std over seeds {cfg['seeds']}"
+        + ("" if results.get("complete", True) else
+           f" (**incomplete: {len(results['runs'])} of {results['planned_runs']} runs so far**)") + ".",
+        "",
+        f"| predictor | kNN top-1 (%) | linear top-1 (%) | collapse | effective rank (of {cfg['proj_dim']}) "
+        "| alignment | ms / step | s / run | peak mem (MiB) | predictor params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["summary"]:
+        lines.append(
+            f"| {row['predictor']} | {_fmt(row['knn_top1_mean'], row['knn_top1_std'], 100)} "
+            f"| {_fmt(row['linear_top1_mean'], row['linear_top1_std'], 100)} "
+            f"| {_fmt(row['collapse_mean'], row['collapse_std'], digits=4)} "
+            f"| {_fmt(row['effective_rank_mean'], row['effective_rank_std'])} "
+            f"| {_fmt(row['alignment_mean'], row['alignment_std'], digits=3)} "
+            f"| {_fmt(row['ms_per_step_mean'], row['ms_per_step_std'])} "
+            f"| {_fmt(row['job_seconds_mean'], None, digits=0)} "
+            f"| {_fmt(row['peak_memory_mib_mean'], None, digits=0)} | {row['predictor_params']:,} |"
+        )
+    base = results["untrained"]
+    if base:
+        def stats(key: str) -> Tuple[float, Optional[float]]:
+            values = [b[key] for b in base]
+            return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+        # No collapse value: an untrained projector's BatchNorm running statistics are still
+        # the initial ones, so its eval-mode projections say nothing about collapse.
+        lines.append(
+            f"| *untrained backbone* | {_fmt(*stats('knn_top1'), 100)} | {_fmt(*stats('linear_top1'), 100)} "
+            "| – | – | – | – | – | – | – |"
+        )
+    lines += [
+        "",
+        f"collapse: mean std of the l2-normalised projections of the test images (isotropic maximum "
+        f"1/sqrt({cfg['proj_dim']}) = {results['collapse_isotropic_max']:.4f}, 0 = complete collapse). "
+        "effective rank: exp of the entropy of the normalised singular values of the centred test projections "
+        f"(1 = all on one line, {cfg['proj_dim']} = isotropic); it also falls when the projections collapse onto a few "
+        "dimensions while still varying, which the collapse column cannot see. "
+        "alignment: eigenspace alignment of the final `W_p` with the correlation of the projections of the "
+        "training images (linear predictors only). ms / step: wall time of a training step including "
+        "augmentation. s / run: wall time of one run (training, then embedding and probes). "
+        f"peak mem: {memory_kind.replace('_', ' ')}"
+        + (" (cumulative over the runs of one process)" if memory_kind == "cpu_process_max_rss" else "") + ".",
+        "",
+        f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, torch {machine.get('torch')}, "
+        f"device {machine.get('device')}"
+        + (f" ({machine['gpu']})" if "gpu" in machine else "")
+        + (f"; load average {machine['load_average_1_5_15min_at_start']} at start, "
+           f"{machine.get('load_average_1_5_15min_at_end')} at end"
+           if "load_average_1_5_15min_at_start" in machine else "")
+        + f"; {cfg.get('jobs', 1)} run(s) in parallel, {cfg.get('threads')} thread(s) each"
+        + f"; total {machine.get('total_seconds')} s.",
+    ]
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+METHOD_TITLES = {"byol": "BYOL", "simsiam": "SimSiam"}
+
+
+def write_outputs(results: Dict[str, Any], out: Path, plots: bool = True) -> None:
+    """Write the run folder; ``plots=False`` skips the PNGs (the partial saves after each run)."""
+    from .plots import plot_accuracy, plot_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for run in results["runs"]:
+            writer.writerow({"method": results["config"]["method"], **run})
+    (out / "results.md").write_text(markdown_table(results))
+    if not plots or not results["runs"]:
+        return
+    plot_accuracy(results, out / "accuracy.png")
+    plot_curves(results, out / "curves.png")
+
+
