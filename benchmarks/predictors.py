@@ -3,7 +3,8 @@
 A predictor is named on the command line as ``name`` or ``name:key=value,...``
 (``directpred:eps=0.1,freq=5``); values are Python literals (``0.1``, ``5``, ``True``,
 ``None``) or, for string options such as ``refresh=iterative``, a bare word.
-Adding a predictor is one :data:`PREDICTORS` entry.
+The names are those of the package's registry (:func:`directpred_plugin.create_predictor`):
+registering a predictor there makes it available here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
+
+from directpred_plugin.predictors import PREDICTORS as PACKAGE_PREDICTORS
+from directpred_plugin.predictors import closed_form_options, create_predictor
 
 
 @dataclass(frozen=True)
@@ -32,55 +36,48 @@ class PredictorSpec:
     solo_kwargs: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
 
 
-def _mlp(dim: int, hidden: int, method: str = "byol") -> nn.Module:
-    # lightly's two heads are the same Linear-BN-ReLU-Linear; each method uses its own class,
-    # as lightly's examples do (SimSiam passes a bottleneck hidden width, BYOL a wide one).
-    from lightly.models.modules.heads import BYOLPredictionHead, SimSiamPredictionHead
-
-    head = SimSiamPredictionHead if method == "simsiam" else BYOLPredictionHead
-    return head(dim, hidden, dim)
-
-
-def _linear(dim: int, hidden: int, method: str = "byol") -> nn.Module:
-    return nn.Linear(dim, dim, bias=False)
-
-
-def _identity(dim: int, hidden: int, method: str = "byol") -> nn.Module:
-    return nn.Identity()
-
-
 def _weight(module: nn.Module) -> Tensor:
     return module.weight
 
 
-def _directpred(summary: str, **defaults: Any) -> PredictorSpec:
+def _build(name: str) -> Callable[..., nn.Module]:
     def build(dim: int, hidden: int, method: str = "byol", **options: Any) -> nn.Module:
-        from directpred_plugin.lightly import DirectPredPredictionHead
+        if name == "mlp":  # each method uses its own lightly class, as lightly's examples do
+            return create_predictor("simsiam-mlp" if method == "simsiam" else "mlp", dim, hidden_dim=hidden, **options)
+        if PACKAGE_PREDICTORS[name].closed_form:
+            # The loop predicts both views, then runs backward: "auto" (the adapters' default)
+            # pools them into one update per iteration, the paper's rule.
+            options = {"calls_per_update": "auto", **options}
+        return create_predictor(name, dim, hidden_dim=hidden, **options)
 
-        # Both methods call the predictor once per view; calls_per_update=2 pools both views
-        # into one update per iteration, the paper's rule, with freq counting iterations.
-        return DirectPredPredictionHead(dim, calls_per_update=2, **{**defaults, **options})
+    return build
 
+
+def _solo_directpred(name: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     def solo_kwargs(options: Dict[str, Any]) -> Dict[str, Any]:
         # solo-learn: the plugin pools the views of a training step the same way by default.
-        return {"predictor": "directpred", "directpred": {**defaults, **options}}
+        return {"predictor": "directpred", "directpred": closed_form_options(name, **options)}
 
-    return PredictorSpec(build, summary, _weight, solo_kwargs)
+    return solo_kwargs
 
 
 def _solo_mlp(options: Dict[str, Any]) -> Dict[str, Any]:
     return {"predictor": "mlp"}  # solo-learn's own MLP
 
 
-#: Predictor name -> how to build it. ``--predictors`` accepts every name here.
-PREDICTORS: Dict[str, PredictorSpec] = {
-    "mlp": PredictorSpec(_mlp, "the method's MLP (Linear-BN-ReLU-Linear), trained by SGD", solo_kwargs=_solo_mlp),
-    "linear": PredictorSpec(_linear, "linear d x d (no bias), trained by SGD", _weight),
-    "directpred": _directpred("DirectPred, freq 1 (closed form)"),
-    "directpred-hybrid": _directpred("DirectPred every 5 iterations, SGD-trained in between", freq=5, trainable=True),
-    "directcopy": _directpred("DirectCopy, freq 1 (closed form)", variant="directcopy"),
-    "none": PredictorSpec(_identity, "no predictor (identity)"),
-}
+def _spec(name: str) -> PredictorSpec:
+    entry = PACKAGE_PREDICTORS[name]
+    if name == "mlp":
+        return PredictorSpec(_build(name), "the method's MLP (Linear-BN-ReLU-Linear), trained by SGD", solo_kwargs=_solo_mlp)
+    if entry.closed_form:
+        return PredictorSpec(_build(name), entry.summary, _weight, _solo_directpred(name))
+    return PredictorSpec(_build(name), entry.summary, _weight if name == "linear" else None)
+
+
+#: Predictor name -> how the benchmarks build it: a view of the package's one registry
+#: (:data:`directpred_plugin.PREDICTORS`), where ``mlp`` means the method's own MLP.
+#: ``--predictors`` accepts every name here.
+PREDICTORS: Dict[str, PredictorSpec] = {name: _spec(name) for name in PACKAGE_PREDICTORS if name != "simsiam-mlp"}
 
 
 def parse_option_value(key: str, text: str) -> Any:

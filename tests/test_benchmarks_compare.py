@@ -89,12 +89,15 @@ def test_every_predictor_builds_and_runs_a_step():
     x0, x1 = next(data.views(16, gen, torch.device("cpu")))
     for name, spec in PREDICTORS.items():
         method = build_method(cfg, data, name, seed=0)
-        loss, z0 = method.training_loss(x0, x1)
-        loss.backward()
+        for _ in range(2):
+            loss, z0 = method.training_loss(x0, x1)
+            loss.backward()
         assert torch.isfinite(loss) and z0.shape == (16, 8), name
         if isinstance(method.predictor, DirectPredHead):
-            # two calls (one per view) made one update: the paper's per-iteration rule
-            assert method.predictor.calls_per_update == 2 and int(method.predictor.num_updates) == 1
+            # the two calls (one per view) of the first step made one update, folded by the
+            # second step's first call: the paper's per-iteration rule
+            assert method.predictor.calls_per_update == "auto" and int(method.predictor.num_updates) == 1
+            assert int(method.predictor.pending_calls) == 2
         assert (spec.matrix is None) == (name in ("mlp", "none")), name
 
 
@@ -211,7 +214,8 @@ def test_simsiam_is_lightlys_without_a_target():
     loss, z0 = head.training_loss(x0, x1)
     loss.backward()
     assert -1.0 <= loss.item() <= 1.0 and z0.shape == (16, 16)
-    assert head.predictor.eps == 0.1 and int(head.predictor.num_updates) == 1
+    # both views pooled into one update, folded by the next step's first call ("auto")
+    assert head.predictor.eps == 0.1 and int(head.predictor.pending_calls) == 2
 
 
 def test_predictor_specs_parse_literals_and_name_bad_ones():

@@ -41,8 +41,9 @@ def test_speed_reports_cost_and_refresh_error_side_by_side(tmp_path):
 class _ScaledExact(ExactRefresh):
     """A refresh that is 5% off: the replay must report it."""
 
-    def forward(self, corr, variant, eps):
-        return 1.05 * super().forward(corr, variant, eps)
+    def forward(self, stats, variant, options):
+        weight, ok = super().forward(stats, variant, options)
+        return 1.05 * weight, ok
 
 
 def test_refresh_errors_replay_measures_each_refresh(monkeypatch):
