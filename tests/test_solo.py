@@ -360,20 +360,21 @@ def test_resume_restores_the_head_and_refuses_another_predictor(methods, tmp_pat
     ckpt = tmp_path / "byol.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = {k: v.clone() for k, v in model.predictor.state_dict().items()}
-    assert int(saved["num_updates"]) == STEPS
+    # one update per step; the last step's pool is saved open and folded by the resumed run
+    assert int(saved["num_updates"]) == STEPS - 1 and int(saved["pending_calls"]) == 2
 
     class Snapshot(Callback):
         def on_train_start(self, trainer, module):
             self.state = {k: v.clone() for k, v in module.predictor.state_dict().items()}
-            self.counter = module.predictor._updates
+            self.counter = int(module.predictor.diagnostics()["num_steps"])
 
     resumed = methods["byol"](make_cfg("byol", predictor="directpred"))
     snapshot = Snapshot()
     fit(resumed, epochs=2, ckpt_path=ckpt, callbacks=[snapshot])
     assert snapshot.state.keys() == saved.keys()
     assert all(torch.equal(snapshot.state[k], saved[k]) for k in saved)
-    assert snapshot.counter == STEPS
-    assert int(resumed.predictor.num_updates) == 2 * STEPS
+    assert snapshot.counter == STEPS - 1
+    assert int(resumed.predictor.num_updates) == 2 * STEPS - 1
 
     mlp = methods["byol"](make_cfg("byol"))
     with pytest.raises(RuntimeError, match=r"checkpoint's predictor is a DirectPred head.*builds solo-learn's MLP"):
@@ -501,7 +502,8 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
     (ckpt,) = (tmp_path / "ckpt" / method).glob("*/*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("predictor.0.") for k in state)  # no MLP
-    assert int(state["predictor.num_updates"]) == STEPS  # all-reduced statistics, one update per step
+    # all-reduced statistics, one update per step; the last step's pool is saved open
+    assert int(state["predictor.num_updates"]) == STEPS - 1 and int(state["predictor.pending_calls"]) == 2
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
     args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"
