@@ -22,7 +22,7 @@ __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
 _STATS_DTYPES = (torch.float32, torch.float64)
 #: State a checkpoint may lack (see DirectPredHead._fill_optional_state).
-_OPTIONAL_STATE = ("refreshed_at", "refresh_rejections")
+_OPTIONAL_STATE = ("refreshed_at", "refresh_rejections", "num_empty")
 #: ``calls_per_update`` value that pools the calls between two backward passes.
 AUTO = "auto"
 CallsPerUpdate = Union[int, str]
@@ -138,6 +138,7 @@ class DirectPredHead(nn.Module):
     pending_closed: Tensor
     num_updates: Tensor
     num_skipped: Tensor
+    num_empty: Tensor
     refreshed_at: Tensor
     refresh_rejections: Tensor
     last_collapse: Tensor
@@ -228,6 +229,9 @@ class DirectPredHead(nn.Module):
         self.register_buffer("pending_closed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
+        # Pools closed without a row on any rank: with the updates and the skipped ones they
+        # are the steps the refresh schedule counts, so a resumed run keeps that schedule.
+        self.register_buffer("num_empty", torch.zeros((), dtype=torch.long))
         self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
         self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
         # a diagnostic of the local batch, so not state that ranks or checkpoints share
@@ -241,9 +245,8 @@ class DirectPredHead(nn.Module):
         # The schedule is decided on the host from counts it knows without reading the
         # device: calls in the open pool and closed pools (training steps).
         self._calls_in_group = int(self.pending_calls)
-        # Steps are not state of their own (a skipped step changes nothing but num_skipped);
-        # after a load they are re-derived, leaving out only pools that had no rows at all.
-        self._steps = int(self.num_updates) + int(self.num_skipped)
+        # Closed pools (steps): folded, skipped or empty.
+        self._steps = int(self.num_updates) + int(self.num_skipped) + int(self.num_empty)
         self._generation = 0  # bumped whenever W_p may have changed
         self._snapshot: Optional[Tuple[int, Tensor]] = None
         # Which W_p the calls of the current training step used (for recomputation).
@@ -261,7 +264,7 @@ class DirectPredHead(nn.Module):
         """Forget all statistics: ``F_hat``, the pool and the counters; ``W_p`` back to the identity."""
         with torch.no_grad():
             for name in ("corr", "pending_outer", "pending_sum", "pending_count", "pending_calls", "pending_closed",
-                         "num_updates", "num_skipped", "refreshed_at", "refresh_rejections"):
+                         "num_updates", "num_skipped", "num_empty", "refreshed_at", "refresh_rejections"):
                 getattr(self, name).zero_()
             if self.center:
                 self.mean.zero_()
@@ -387,6 +390,7 @@ class DirectPredHead(nn.Module):
             pool = self._pool()
             result = fold_(self.corr, self.mean if self.center else None, self.num_updates, pool, self.rho)
             self.num_skipped.add_(result.skipped.long())
+            self.num_empty.add_((~result.folded & ~result.skipped).long())
             for buffer in pool:
                 buffer.zero_()
             self._calls_in_group = 0
@@ -577,7 +581,7 @@ class DirectPredHead(nn.Module):
             elif name == "pending_closed" and isinstance(state_dict.get(prefix + "pending_calls"), Tensor):
                 # checkpoints are saved between steps: an open pool is a finished step's
                 state_dict[key] = (state_dict[prefix + "pending_calls"] > 0).to(value.device)
-            elif name.startswith("pending_"):
+            elif name.startswith("pending_") or name == "num_empty":
                 state_dict[key] = torch.zeros_like(value)
             else:
                 state_dict[key] = value.detach().clone() if isinstance(value, Tensor) else value

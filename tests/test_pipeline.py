@@ -492,7 +492,8 @@ def test_empty_batch_leaves_the_collapse_indicator_finite_and_state_unchanged():
         out = call(head, torch.empty(0, DIM))
     assert out.shape == (0, DIM)
     assert head.diagnostics()["collapse"] == reported
-    assert_same_state(before, snapshot(head))
+    assert_same_state(before, snapshot(head), ignore=["num_empty"])
+    assert int(head.num_empty) == 1  # a step for the refresh schedule, and nothing else
 
 
 # ------------------------------------------------------------------ calls_per_update="auto"
@@ -596,3 +597,19 @@ def test_cuda_steady_state_training_never_waits_for_the_device(compiled):
     assert int(head.num_updates) == len(inputs) - 1 and int(head.num_skipped) == 0
     assert int(head.refreshed_at) == len(inputs) - 1  # every step refreshed
     assert relative_error(head.weight, exact_rule(head)) <= 0.011
+
+
+def test_resume_keeps_the_refresh_schedule_across_empty_steps():
+    """freq counts every closed pool, empty ones included; a resumed run must count them too."""
+    kwargs = dict(freq=2)
+    sequence = [torch.empty(0, DIM)] + make_batches(4)
+    straight = DirectPredHead(DIM, **kwargs)
+    expected = [call(straight, z) for z in sequence]
+    first = DirectPredHead(DIM, **kwargs)
+    got = [call(first, sequence[0])]
+    resumed = DirectPredHead(DIM, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    got += [call(resumed, z) for z in sequence[1:]]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert_same_state(snapshot(straight), snapshot(resumed))
