@@ -72,16 +72,35 @@ def make_input(spec, dim, dtype):
     return z, z.double().numpy()  # the reference sees exactly the values the head sees
 
 
-def weight_tolerance(config, strategy):
-    """Relative Frobenius error allowed between the head's W_p and the reference's.
+def statistics_noise(config, ref):
+    """Relative rounding error of the matrix the rule reads, with unit u of the statistics' dtype.
 
-    Rounding of F_hat (unit u of the statistics' dtype) moves an eigenvalue that is 0 in
-    exact arithmetic (batches with fewer rows than dim) by ~u, and a power alpha < 1 turns
-    that into u^alpha; an iterative refresh adds its certified 1% on top.
+    ``u`` for F_hat itself; with ``center`` the covariance ``F_hat - mu mu^T`` is formed by a
+    subtraction, so its error is ``u * max|F_hat|``, relative ``u * max|F_hat| / max|cov|``
+    (unbounded when the batches collapse to one point: the covariance is then rounding).
     """
     u = torch.finfo(config["stats_dtype"]).eps
+    largest = np.abs(ref.target()).max()
+    if largest == 0:
+        return 0.0 if np.abs(ref.F).max() == 0 else math.inf
+    return config["dim"] * u * np.abs(ref.F).max() / largest
+
+
+#: Above this relative noise of the statistics W_p is rounding-determined: only checked finite.
+NOISE_LIMIT = 1e-5
+
+
+def weight_tolerance(config, strategy, noise=None):
+    """Relative Frobenius error allowed between the head's W_p and the reference's.
+
+    Rounding of the statistics (relative ``noise``) moves an eigenvalue that is 0 in exact
+    arithmetic (batches with fewer rows than dim) by ~noise, and a power alpha < 1 turns
+    that into noise^alpha; an iterative refresh adds its certified 1% on top.
+    """
+    if noise is None:
+        noise = config["dim"] * torch.finfo(config["stats_dtype"]).eps
     alpha = {"directpred": 0.5, "directcopy": 1.0, "directset": config["alpha"]}[config["variant"]]
-    rounding = 10 * config["dim"] * (config["dim"] * u) ** min(alpha, 1.0)
+    rounding = 10 * config["dim"] * noise ** min(alpha, 1.0)
     iterative_power = alpha in (0.5, 1.0)
     return rounding + (1e-2 if strategy != "exact" and iterative_power else 0.0)
 
@@ -99,10 +118,16 @@ def check_against_reference(head, ref, config, previous_weight):
     np.testing.assert_allclose(head.corr.double().numpy() / scale, ref.F / scale, rtol=0, atol=rtol)
     assert int(head.num_updates) == ref.updates
     assert int(head.num_skipped) == ref.skipped
-    if ref.refreshed_now:
-        assert relative_error(head.weight, ref.W) <= weight_tolerance(config, head.refresh_strategy)
+    noise = statistics_noise(config, ref)
+    if ref.refreshed_now and noise > NOISE_LIMIT:  # documented skip: see statistics_noise
+        assert torch.isfinite(head.weight).all()
+    elif ref.refreshed_now:
+        assert relative_error(head.weight, ref.W) <= weight_tolerance(config, head.refresh_strategy, noise)
     else:
         assert torch.equal(head.weight, previous_weight)
+    # W_p does not feed back into F_hat: each refresh is checked on its own, and the outputs
+    # that follow are checked against the W_p the head holds
+    ref.W = head.weight.detach().double().numpy()
 
 
 @settings(PROFILE)
@@ -145,12 +170,11 @@ def test_head_follows_the_reference_recurrence(config, sequence):
                     ref.reject_last_refresh(previous_weight.double().numpy(), refreshed_at)
             with np.errstate(all="ignore"):
                 finite = np.isfinite(expected)
-            # |z| |W| dim bounds each output entry; W_p itself may differ by its tolerance
+            # |z| |W| dim bounds each output entry: rounding relative to that
             size = np.abs(z_ref[np.isfinite(z_ref)]).max(initial=0) * np.abs(output_weight).max() * dim
             rounding = 1e-12 if dtype == torch.float64 else 1e-5
             np.testing.assert_allclose(
-                out.detach().double().numpy()[finite], expected[finite], rtol=0,
-                atol=size * (rounding + weight_tolerance(config, head.refresh_strategy)),
+                out.detach().double().numpy()[finite], expected[finite], rtol=0, atol=size * rounding
             )
             if spec["kind"] == "train":
                 check_against_reference(head, ref, config, previous_weight)
