@@ -8,7 +8,7 @@ calls in between, and save/load into a fresh head mid-run. After every call the 
 must agree with the NumPy reference: the output, ``F_hat``, the counters, and ``W_p``
 within the tolerance of its strategy (exact: rounding only; iterative: its 1% bound).
 
-Profiles: ``ci`` (the default, 30 examples) and ``long`` (1000 examples, by hand)::
+Profiles: ``ci`` (the default, 50 examples) and ``long`` (1000 examples, by hand)::
 
     HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py
 """
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from _reference import PooledReferenceHead
 from directpred_plugin import DirectPredHead
 
-settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
