@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from _reference import ReferenceHead, directcopy_matrix, directpred_matrix
-from _spectra import fixed_vectors, matrix_with_spectrum, stream_with_statistics, top_orthogonal_to
+from _spectra import fixed_vectors, stream_with_statistics, top_orthogonal_to
 from directpred_plugin import DirectPredHead
 
 DIM = 8
