@@ -22,7 +22,7 @@ __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
 _STATS_DTYPES = (torch.float32, torch.float64)
 #: State a checkpoint may lack (see DirectPredHead._fill_optional_state).
-_OPTIONAL_STATE = ("refreshed_at", "refresh_rejections")
+_OPTIONAL_STATE = ("refreshed_at", "refresh_rejections", "num_empty")
 #: ``calls_per_update`` value that pools the calls between two backward passes.
 AUTO = "auto"
 CallsPerUpdate = Union[int, str]
@@ -136,8 +136,10 @@ class DirectPredHead(nn.Module):
     pending_sum: Tensor
     pending_count: Tensor
     pending_calls: Tensor
+    pending_closed: Tensor
     num_updates: Tensor
     num_skipped: Tensor
+    num_empty: Tensor
     refreshed_at: Tensor
     refresh_rejections: Tensor
     last_collapse: Tensor
@@ -224,8 +226,15 @@ class DirectPredHead(nn.Module):
         self.register_buffer("pending_sum", torch.zeros(dim, dtype=stats_dtype))
         self.register_buffer("pending_count", torch.zeros((), dtype=stats_dtype))
         self.register_buffer("pending_calls", torch.zeros((), dtype=torch.long))
+        # With calls_per_update="auto": the open pool's step has ended (a backward pass ran
+        # since its last call). The host flag is copied here only when the state is saved, so
+        # that a run resumed between steps closes the pool at its first call, as it would have.
+        self.register_buffer("pending_closed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
+        # Pools closed without a row on any rank: with the updates and the skipped ones they
+        # are the steps the refresh schedule counts, so a resumed run keeps that schedule.
+        self.register_buffer("num_empty", torch.zeros((), dtype=torch.long))
         self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
         self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
         # a diagnostic of the local batch, so not state that ranks or checkpoints share
@@ -239,15 +248,14 @@ class DirectPredHead(nn.Module):
         # The schedule is decided on the host from counts it knows without reading the
         # device: calls in the open pool and closed pools (training steps).
         self._calls_in_group = int(self.pending_calls)
-        # Steps are not state of their own (a skipped step changes nothing but num_skipped);
-        # after a load they are re-derived, leaving out only pools that had no rows at all.
-        self._steps = int(self.num_updates) + int(self.num_skipped)
+        # Closed pools (steps): folded, skipped or empty.
+        self._steps = int(self.num_updates) + int(self.num_skipped) + int(self.num_empty)
         self._generation = 0  # bumped whenever W_p may have changed
         self._snapshot: Optional[Tuple[int, Tensor]] = None
         # Which W_p the calls of the current training step used (for recomputation).
         self._step_generation: Optional[int] = None
         self._step_mixed = False
-        self._backward_seen = False
+        self._backward_seen = bool(self.pending_closed) and self._calls_in_group > 0
         self._lagged = _LaggedCounters()
         self._seen_skipped = int(self.num_skipped)
         self._seen_rejections = int(self.refresh_rejections)
@@ -258,8 +266,8 @@ class DirectPredHead(nn.Module):
     def reset_running_stats(self) -> None:
         """Forget all statistics: ``F_hat``, the pool and the counters; ``W_p`` back to the identity."""
         with torch.no_grad():
-            for name in ("corr", "pending_outer", "pending_sum", "pending_count", "pending_calls",
-                         "num_updates", "num_skipped", "refreshed_at", "refresh_rejections"):
+            for name in ("corr", "pending_outer", "pending_sum", "pending_count", "pending_calls", "pending_closed",
+                         "num_updates", "num_skipped", "num_empty", "refreshed_at", "refresh_rejections"):
                 getattr(self, name).zero_()
             if self.center:
                 self.mean.zero_()
@@ -366,11 +374,13 @@ class DirectPredHead(nn.Module):
                 merge_(self._pool(), moments)
             else:
                 accumulate_(self._pool(), x)
-            # a diagnostic of this batch alone, kept only if the batch could be folded
-            usable = torch.isfinite(x.square().sum(dim=0)).all()
-            collapse = functional.collapse_indicator(x).to(self.last_collapse.dtype)
-            usable = usable & torch.isfinite(collapse)
-            self.last_collapse.copy_(torch.where(usable, collapse, self.last_collapse))
+            # a diagnostic of this batch alone, kept only if the batch could be folded (an
+            # empty batch has none: its std would warn and be NaN)
+            if x.shape[0]:
+                usable = torch.isfinite(x.square().sum(dim=0)).all()
+                collapse = functional.collapse_indicator(x).to(self.last_collapse.dtype)
+                usable = usable & torch.isfinite(collapse)
+                self.last_collapse.copy_(torch.where(usable, collapse, self.last_collapse))
         self._calls_in_group += 1
         self.pending_calls.fill_(self._calls_in_group)
 
@@ -383,6 +393,7 @@ class DirectPredHead(nn.Module):
             pool = self._pool()
             result = fold_(self.corr, self.mean if self.center else None, self.num_updates, pool, self.rho)
             self.num_skipped.add_(result.skipped.long())
+            self.num_empty.add_((~result.folded & ~result.skipped).long())
             for buffer in pool:
                 buffer.zero_()
             self._calls_in_group = 0
@@ -524,6 +535,7 @@ class DirectPredHead(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.pending_closed.fill_(self._backward_seen)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # Next to the version, in the state_dict's metadata, so a load can refuse a
         # checkpoint of another configuration before copying anything.
@@ -554,8 +566,9 @@ class DirectPredHead(nn.Module):
         """Make checkpoints of version 1 and of other refresh strategies load.
 
         Version 1 had no pool buffers when ``calls_per_update == 1``, no step and refresh
-        counters, and kept an optional warm start in the refresh strategy. None of it is
-        needed to continue exactly: pools start empty, ``refreshed_at`` is ``num_updates``,
+        counters, and kept an optional warm start in the refresh strategy; the first version 2
+        had no ``pending_closed``. None of it is needed to continue exactly: pools start
+        empty (or, if open, belong to a finished step), ``refreshed_at`` is ``num_updates``,
         and a strategy's own state (another strategy's warm start, auto's measured choice)
         is dropped or re-derived. The state everything depends on stays required.
         """
@@ -569,7 +582,10 @@ class DirectPredHead(nn.Module):
                 continue
             if name == "refreshed_at" and isinstance(updates, Tensor):
                 state_dict[key] = updates.clone()
-            elif name.startswith("pending_"):
+            elif name == "pending_closed" and isinstance(state_dict.get(prefix + "pending_calls"), Tensor):
+                # checkpoints are saved between steps: an open pool is a finished step's
+                state_dict[key] = (state_dict[prefix + "pending_calls"] > 0).to(value.device)
+            elif name.startswith("pending_") or name == "num_empty":
                 state_dict[key] = torch.zeros_like(value)
             else:
                 state_dict[key] = value.detach().clone() if isinstance(value, Tensor) else value

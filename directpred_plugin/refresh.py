@@ -241,6 +241,11 @@ class AutoRefresh(nn.Module):
         if self._choice is None:
             self._choice = int(self.choice)
         if self._choice == self.UNDECIDED:
+            # Timing waits for the device anyway, so reading it here costs nothing more. All-zero
+            # statistics (no update folded yet: the first pools were skipped or empty) are no
+            # refresh to measure, and deciding on them would make a skipped step change state.
+            if not bool(stats.abs().amax() > 0):
+                return self.exact(stats, variant, options)
             self._choice = self._measure(stats, variant, options)
             self.choice.fill_(self._choice)
         strategy = self.iterative if self._choice == self.ITERATIVE else self.exact

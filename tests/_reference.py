@@ -126,3 +126,69 @@ def normalised(m: np.ndarray, ridge: float = 0.0) -> np.ndarray:
     """The statistics every rule reads: divided by the largest absolute entry, plus ridge * I."""
     top = np.abs(m).max()
     return (m / top if top > 0 else m) + ridge * np.eye(len(m))
+
+
+class PooledReferenceHead:
+    """The pipeline's schedule, restated plainly.
+
+    ``calls_per_update`` calls pool their rows into one update; a pool with a NaN/inf, or
+    whose sums exceed ``max_value`` (the largest finite value of the head's statistics
+    dtype: sums that overflow only once pooled), is skipped; a pool without rows changes
+    nothing. Every closed pool is a step, skipped and empty ones included; every
+    ``freq``-th step refreshes ``W`` if ``F`` changed since the last refresh that was used.
+    The head normalises ``F`` by its largest entry before the rule: no change in exact
+    arithmetic, every rule here is scale-free, so this reference does not.
+    """
+
+    def __init__(self, dim: int, rho=0.3, eps=0.01, freq=1, variant="directpred", center=False,
+                 alpha=0.5, calls_per_update=1, max_value=np.inf):
+        self.dim, self.rho, self.eps, self.freq, self.center = dim, rho, eps, freq, center
+        self.variant, self.alpha, self.calls_per_update, self.max_value = variant, alpha, calls_per_update, max_value
+        self.F = np.zeros((dim, dim))
+        self.mu = np.zeros(dim)
+        self.W = np.eye(dim)
+        self.updates = self.skipped = self.steps = self.refreshed_at = 0
+        self._pool: List[np.ndarray] = []
+        self.refreshed_now = False  # did the last call's step refresh W
+
+    def output(self, z: np.ndarray) -> np.ndarray:
+        return np.asarray(z, dtype=np.float64) @ self.W.T
+
+    def target(self) -> np.ndarray:
+        return self.F - np.outer(self.mu, self.mu) if self.center else self.F
+
+    def rule(self, m: np.ndarray) -> np.ndarray:
+        if self.variant == "directset":
+            return directset_matrix(m, self.eps, self.alpha)
+        return RULES[self.variant](m, self.eps)
+
+    def call(self, z: np.ndarray) -> None:
+        """A training-mode call: pool the rows, close the pool after ``calls_per_update`` calls."""
+        self.refreshed_now = False
+        self._pool.append(np.asarray(z, dtype=np.float64).reshape(-1, self.dim))
+        if len(self._pool) == self.calls_per_update:
+            self._close()
+
+    def _close(self) -> None:
+        rows = np.concatenate(self._pool)
+        self._pool = []
+        self.steps += 1
+        with np.errstate(all="ignore"):
+            outer, total = rows.T @ rows, rows.sum(axis=0)
+        finite = np.isfinite(outer).all() and np.isfinite(total).all()
+        if not finite or np.abs(outer).max(initial=0) > self.max_value or np.abs(total).max(initial=0) > self.max_value:
+            self.skipped += 1
+        elif len(rows):
+            c, m = outer / len(rows), total / len(rows)
+            keep = 0.0 if self.updates == 0 else self.rho
+            self.F = keep * self.F + (1 - keep) * c
+            self.mu = keep * self.mu + (1 - keep) * m
+            self.updates += 1
+        if self.steps % self.freq == 0 and self.updates > self.refreshed_at:
+            self.W = self.rule(self.target())
+            self.refreshed_at = self.updates
+            self.refreshed_now = True
+
+    def reject_last_refresh(self, previous_w: np.ndarray, previous_refreshed_at: int) -> None:
+        """The head refused the refresh just made (an iterative result above its bound)."""
+        self.W, self.refreshed_at, self.refreshed_now = previous_w, previous_refreshed_at, False
