@@ -16,7 +16,7 @@ from .predictors import check_predictor, parse_predictor_spec
 class CompareConfig:
     dataset: str = "digits"
     method: str = "byol"
-    predictors: Optional[List[str]] = None  # None: every predictor the framework builds
+    predictors: Optional[List[str]] = None  # None: the framework's default_predictors
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     framework: str = "lightly"
     backbone: Optional[str] = None
@@ -48,7 +48,7 @@ class CompareConfig:
                 setattr(cfg, name, getattr(defaults, name))
         framework = FRAMEWORKS[cfg.framework]
         if cfg.predictors is None:
-            cfg.predictors = list(framework.predictors)
+            cfg.predictors = list(framework.default_predictors)
         if cfg.backbone is None:
             cfg.backbone = framework.default_backbone(defaults.backbone)
         return cfg

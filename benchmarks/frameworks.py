@@ -12,6 +12,11 @@ from .predictors import PREDICTORS
 from .solo_byol import SOLO_BACKBONES, SoloBYOL, require_solo
 
 
+#: ``compare``'s predictors when ``--predictors`` is not given, in table order; the rest of
+#: the family (directset, ns, ns2, stiefel, visser) is run by naming it.
+DEFAULT_PREDICTORS = ("mlp", "linear", "directpred", "directpred-hybrid", "directcopy", "none")
+
+
 def _solo_expressible(name: str) -> bool:
     return PREDICTORS[name].solo_kwargs is not None
 
@@ -33,6 +38,11 @@ class Framework:
     @property
     def predictors(self) -> Tuple[str, ...]:
         return tuple(name for name in PREDICTORS if self.expresses(name))
+
+    @property
+    def default_predictors(self) -> Tuple[str, ...]:
+        """What ``compare`` runs without ``--predictors``: the comparison's baselines and DirectPred."""
+        return tuple(name for name in DEFAULT_PREDICTORS if self.expresses(name))
 
     def default_backbone(self, dataset_default: str) -> str:
         if self.backbones is None or dataset_default in self.backbones:
