@@ -535,7 +535,8 @@ class DirectPredHead(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.pending_closed.fill_(self._backward_seen)
+        # meaningful only for an open "auto" pool; otherwise always False, so equal states save equal
+        self.pending_closed.fill_(self._backward_seen and self._calls_in_group > 0 and self._pool_calls is None)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # Next to the version, in the state_dict's metadata, so a load can refuse a
         # checkpoint of another configuration before copying anything.

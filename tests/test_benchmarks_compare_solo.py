@@ -16,8 +16,8 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
-from directpred_plugin.benchmarks.frameworks import FRAMEWORKS
-from directpred_plugin.benchmarks.predictors import PREDICTORS, solo_method_kwargs
+from directpred_plugin.benchmarks.frameworks import DEFAULT_PREDICTORS, FRAMEWORKS
+from directpred_plugin.benchmarks.predictors import solo_method_kwargs
 from directpred_plugin.benchmarks.report import SCHEMA
 from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks import data as bench_data
@@ -52,7 +52,7 @@ def test_defaults_follow_the_framework():
     assert solo.backbone == "resnet18"  # digits' small-cnn is not a solo-learn backbone
     assert compare.CompareConfig(framework="solo").resolve(STL10.defaults).backbone == "resnet18-imagenet-stem"
     lightly = compare.CompareConfig().resolve(DigitsData.defaults)
-    assert lightly.predictors == list(PREDICTORS) and lightly.backbone == "small-cnn"
+    assert lightly.predictors == list(DEFAULT_PREDICTORS) and lightly.backbone == "small-cnn"
 
 
 def test_without_solo_learn_it_fails_before_loading_data(monkeypatch, tmp_path):
@@ -93,7 +93,7 @@ def tiny_solo_run(solo_methods, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare-solo")
     argv = ["compare", "--framework", "solo", "--epochs", "1", "--seeds", "0", "--predictors", "mlp", "directpred",
             "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--knn-k", "5", "--no-progress",
-            "--out", str(out)]
+            "--jobs", "1", "--out", str(out)]  # one process: worker processes would not see the patch
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(bench_data.DATASETS, "digits", small_digits)
         assert cli.main(argv) == 0
@@ -139,7 +139,7 @@ def test_the_predictor_comes_from_solos_config_key(solo_methods):
     assert isinstance(heads["mlp"], torch.nn.Sequential)  # solo-learn's own predictor
     for name in ("directpred", "directpred-hybrid", "directcopy"):
         assert isinstance(heads[name], DirectPredHead), name
-        assert heads[name].calls_per_update == 2, name  # the two views of a step make one update
+        assert heads[name].calls_per_update == "auto", name  # the two views of a step make one update
     assert (heads["directpred-hybrid"].freq, heads["directpred-hybrid"].trainable) == (5, True)
     assert heads["directcopy"].variant == "directcopy" and heads["directpred"].variant == "directpred"
 
@@ -153,7 +153,8 @@ def test_a_step_uses_solos_loss_and_momentum_updater(solo_methods):
         getattr(model.solo, attr).register_forward_hook(lambda m, i, out, outputs=outputs: outputs.append(out))
     x0, x1 = next(DigitsData().views(16, torch.Generator().manual_seed(0), torch.device("cpu")))
     loss, z0 = model.training_loss(x0, x1)
-    assert z0.shape == (16, 8) and int(model.predictor.num_updates) == 1
+    # both views pooled, folded by the next step's first call ("auto")
+    assert z0.shape == (16, 8) and int(model.predictor.pending_calls) == 2
     (p0, p1), (t0, t1) = seen["predictor"], seen["momentum_projector"]
     # as BYOL.training_step pairs them: each view's prediction against the other view's target
     assert loss.item() == pytest.approx((byol_loss_func(p1, t0) + byol_loss_func(p0, t1)).item(), rel=1e-5)
