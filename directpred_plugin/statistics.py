@@ -58,6 +58,8 @@ def fold_(
 ) -> FoldResult:
     """One EMA step of ``corr`` (and ``mean``) from a pool, decided on the device.
 
+    The pool's non-finite entries are zeroed in place (the caller empties the pool next).
+
     ``corr <- pool.outer / rows`` on the first update, else
     ``corr <- rho * corr + (1 - rho) * pool.outer / rows``. A pool with no rows changes
     nothing; a pool with a non-finite entry (NaN/inf in a batch, or sums that overflowed
@@ -70,9 +72,15 @@ def fold_(
     zero = corr.new_zeros(())  # coefficients in the statistics' dtype, not the default one
     keep = torch.where(first, zero, zero + rho)
     take = torch.where(first, zero + 1.0, zero + (1.0 - rho)) / pool.rows.clamp_min(1)
-    # torch.where, not a multiplication by 0: NaN * 0 is NaN
-    corr.copy_(torch.where(folded, keep * corr + take * pool.outer, corr))
+    # A pool that is not folded gets (keep, take) = (1, 0); its NaN/inf are zeroed first
+    # (NaN * 0 is NaN). In place, no temporaries: the pool is emptied after the fold anyway,
+    # and a folded pool is finite, so nan_to_num_ leaves it as it is.
+    keep = torch.where(folded, keep, zero + 1.0)
+    take = torch.where(folded, take, zero)
+    pool.outer.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    corr.mul_(keep).addcmul_(pool.outer, take)
     if mean is not None:
-        mean.copy_(torch.where(folded, keep * mean + take * pool.total, mean))
+        pool.total.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        mean.mul_(keep).addcmul_(pool.total, take)
     num_updates.add_(folded.long())
     return FoldResult(folded, ~finite)
