@@ -26,21 +26,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from directpred_plugin import VARIANTS, DirectPredHead
+from directpred_plugin import VARIANTS, DirectPredHead, create_predictor
 
 from .predictors import parse_predictor_spec
 from .threads import torch_threads
 
 
 def byol_mlp(dim: int) -> nn.Module:
-    """BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU."""
-    return nn.Sequential(nn.Linear(dim, 4096, bias=False), nn.BatchNorm1d(4096), nn.ReLU(), nn.Linear(4096, dim))
+    """BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU (lightly's head)."""
+    return create_predictor("mlp", dim, hidden_dim=4096)
 
 
 def simsiam_mlp(dim: int) -> nn.Module:
-    """SimSiam's bottleneck predictor: dim -> dim/4 -> dim with BatchNorm and ReLU."""
-    hidden = max(dim // 4, 1)
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
+    """SimSiam's bottleneck predictor: dim -> dim/4 -> dim with BatchNorm and ReLU (lightly's head)."""
+    return create_predictor("simsiam-mlp", dim)
 
 
 def floor_head(dim: int) -> nn.Module:
