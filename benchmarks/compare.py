@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resnet18-imagenet-stem); --framework solo: resnet18 (default) or "
                              "resnet18-imagenet-stem, solo-learn's own")
     parser.add_argument("--epochs", type=_positive_int, default=None,
-                        help="default per dataset: digits 60, fashion-mnist 3, cifar10 200, stl10 100")
+                        help="default per dataset: digits 60, fashion-mnist 4, cifar10 200, stl10 100")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="default per dataset: 128 / 128 / 256 / 256")
     parser.add_argument("--proj-dim", type=_positive_int, default=None,
@@ -206,10 +206,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on (and fit the probes to) the first N training images (default: all)")
     parser.add_argument("--test-subset", type=_positive_int, default=None,
                         help="score the probes on the first N test images (default: all)")
-    parser.add_argument("--lr", type=float, default=0.06, help="SGD learning rate for batch 256 (scaled linearly)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="SGD learning rate for batch 256, scaled linearly with the batch size "
+                             "(default per dataset: fashion-mnist 0.3, others 0.06)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    parser.add_argument("--ema-start", type=float, default=0.99,
-                        help="BYOL's target EMA momentum at step 0, cosine-scheduled to 1")
+    parser.add_argument("--ema-start", type=float, default=None,
+                        help="BYOL's target EMA momentum at step 0, cosine-scheduled to 1 "
+                             "(default per dataset: fashion-mnist 0.9, others 0.99)")
     parser.add_argument("--knn-k", type=_positive_int, default=20, help="neighbours of the kNN probe")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=None,

@@ -26,11 +26,11 @@ class CompareConfig:
     hidden_dim: Optional[int] = None
     subset: Optional[int] = None  # training images (None: all)
     test_subset: Optional[int] = None  # test images (None: all)
-    lr: float = 0.06  # for batch 256, scaled linearly with the batch size
+    lr: Optional[float] = None  # for batch 256, scaled linearly with the batch size (None: the dataset's)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.1
-    ema_start: float = 0.99
+    ema_start: Optional[float] = None  # None: the dataset's
     knn_k: int = 20
     device: str = "cpu"
     data_dir: str = "data"
@@ -43,7 +43,7 @@ class CompareConfig:
     def resolve(self, defaults: Any) -> "CompareConfig":
         """Fill the options left as None from the dataset's defaults."""
         cfg = copy.copy(self)
-        for name in ("epochs", "batch_size", "proj_dim", "hidden_dim"):
+        for name in ("epochs", "batch_size", "proj_dim", "hidden_dim", "lr", "ema_start"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(defaults, name))
         framework = FRAMEWORKS[cfg.framework]

@@ -377,9 +377,9 @@ class DirectPredHead(nn.Module):
             # a diagnostic of this batch alone, kept only if the batch could be folded (an
             # empty batch has none: its std would warn and be NaN)
             if x.shape[0]:
-                usable = torch.isfinite(x.square().sum(dim=0)).all()
-                collapse = functional.collapse_indicator(x).to(self.last_collapse.dtype)
-                usable = usable & torch.isfinite(collapse)
+                collapse, energy = functional.collapse_and_energy(x)
+                usable = (energy * 0 + collapse * 0) == 0  # both finite: v * 0 is NaN for NaN and inf
+                collapse = collapse.to(self.last_collapse.dtype)
                 self.last_collapse.copy_(torch.where(usable, collapse, self.last_collapse))
         self._calls_in_group += 1
         self.pending_calls.fill_(self._calls_in_group)
@@ -392,8 +392,8 @@ class DirectPredHead(nn.Module):
         with torch.no_grad(), _autocast_disabled(self.corr.device.type):
             pool = self._pool()
             result = fold_(self.corr, self.mean if self.center else None, self.num_updates, pool, self.rho)
-            self.num_skipped.add_(result.skipped.long())
-            self.num_empty.add_((~result.folded & ~result.skipped).long())
+            self.num_skipped.add_(result.skipped)
+            self.num_empty.add_(~(result.folded | result.skipped))
             for buffer in pool:
                 buffer.zero_()
             self._calls_in_group = 0
@@ -419,7 +419,8 @@ class DirectPredHead(nn.Module):
             momentum = torch.where(self.refreshed_at > 0, none + self.weight_momentum, none)
             candidate = momentum * self.weight.detach() + (1 - momentum) * candidate
         use = ok & changed
-        self.weight.copy_(torch.where(use, candidate, self.weight.detach()))
+        weight = self.weight.detach()
+        torch.where(use, candidate, weight, out=weight)  # in place: no dim x dim temporary
         self.refreshed_at.copy_(torch.where(use, self.num_updates, self.refreshed_at))
         self.refresh_rejections.add_((changed & ~ok).long())
         self._generation += 1

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_sum_
-from .rules import RuleOptions, Variant, inverse_or_zero
+from .rules import RuleOptions, Variant, all_finite, inverse_or_zero
 
 __all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES"]
 
@@ -50,7 +50,7 @@ class ExactRefresh(nn.Module):
                 weight = variant.rule(stats.to(dtype), options)
             except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
                 continue
-            if bool(torch.isfinite(weight).all()):
+            if bool(all_finite(weight)):
                 return weight.to(stats.dtype), torch.ones((), dtype=torch.bool, device=stats.device)
         return torch.zeros_like(stats), torch.zeros((), dtype=torch.bool, device=stats.device)
 
@@ -148,7 +148,7 @@ class IterativeRefresh(nn.Module):
         if power not in (0.5, 1.0):
             return self.exact(stats, variant, options)
         weight, bound = self.candidate(stats, power, options.eps)
-        return weight, torch.isfinite(weight).all() & (bound <= self.tol)
+        return weight, all_finite(weight) & (bound <= self.tol)
 
     def candidate(self, stats: Tensor, power: float, eps: float) -> Tuple[Tensor, Tensor]:
         """``(W, bound)``: the weight for ``p = (s / max s)^power + eps`` and its error bound."""

@@ -44,6 +44,25 @@ def inverse_or_zero(value: Tensor) -> Tensor:
     return torch.where(value > 0, value.clamp_min(torch.finfo(value.dtype).tiny).reciprocal(), 0.0)
 
 
+def all_finite(*tensors: Tensor) -> Tensor:
+    """``isfinite(t).all()`` over all ``tensors`` (0-dim bool), one reading pass each, no mask.
+
+    NaN and +-inf reach a tensor's min or max, and ``v * 0`` is 0 exactly when ``v`` is
+    finite (a difference of the extremes could overflow instead). ``isfinite`` would
+    write and re-read a mask as large as the tensor, several times over.
+    """
+    extremes = [v for t in tensors if t.numel() for v in torch.aminmax(t)]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.stack([v.to(extremes[0].dtype) for v in extremes]).mul_(0).sum() == 0
+
+
+def largest_magnitude(x: Tensor) -> Tensor:
+    """``max |x_ij|`` in one reading pass (no ``abs`` copy)."""
+    low, high = torch.aminmax(x)
+    return torch.maximum(-low, high)
+
+
 def normalise_statistics(stats: Tensor, ridge: float = 0.0) -> Tensor:
     """``stats / max|stats_ij| + ridge * I``: the matrix every rule reads.
 
@@ -52,7 +71,7 @@ def normalise_statistics(stats: Tensor, ridge: float = 0.0) -> Tensor:
     ``lambda_max``. So the normalised matrix has eigenvalues in ``[0, dim]`` whatever the
     scale of the input, as long as ``stats`` itself is representable.
     """
-    normalised = stats * inverse_or_zero(stats.abs().amax())
+    normalised = stats * inverse_or_zero(largest_magnitude(stats))
     if ridge:
         normalised = normalised + ridge * torch.eye(stats.shape[-1], dtype=stats.dtype, device=stats.device)
     return normalised

@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .rules import all_finite
+
 __all__ = ["Pool", "FoldResult", "batch_moments", "accumulate_", "fold_"]
 
 
@@ -65,22 +67,19 @@ def fold_(
     nothing; a pool with a non-finite entry (NaN/inf in a batch, or sums that overflowed
     only once pooled or summed over ranks) changes nothing and is reported as skipped.
     """
-    finite = torch.isfinite(pool.outer).all() & torch.isfinite(pool.total).all()
-    has_rows = pool.rows > 0
-    folded = finite & has_rows
+    finite = all_finite(pool.outer, pool.total)
+    folded = finite & (pool.rows > 0)
     first = num_updates == 0
     zero = corr.new_zeros(())  # coefficients in the statistics' dtype, not the default one
-    keep = torch.where(first, zero, zero + rho)
-    take = torch.where(first, zero + 1.0, zero + (1.0 - rho)) / pool.rows.clamp_min(1)
-    # A pool that is not folded gets (keep, take) = (1, 0); its NaN/inf are zeroed first
-    # (NaN * 0 is NaN). In place, no temporaries: the pool is emptied after the fold anyway,
-    # and a folded pool is finite, so nan_to_num_ leaves it as it is.
-    keep = torch.where(folded, keep, zero + 1.0)
-    take = torch.where(folded, take, zero)
+    # A pool that is not folded gets (keep, take) = (1, 0).
+    keep = torch.where(folded, torch.where(first, zero, rho), 1.0)
+    take = torch.where(folded, torch.where(first, 1.0, zero + (1.0 - rho)) / pool.rows.clamp_min(1), zero)
+    # Its NaN/inf are zeroed first (NaN * 0 is NaN). In place, no temporaries: the pool is
+    # emptied after the fold anyway, and a folded pool is finite, so this leaves it as it is.
     pool.outer.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     corr.mul_(keep).addcmul_(pool.outer, take)
     if mean is not None:
         pool.total.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         mean.mul_(keep).addcmul_(pool.total, take)
-    num_updates.add_(folded.long())
+    num_updates.add_(folded)
     return FoldResult(folded, ~finite)

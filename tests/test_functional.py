@@ -77,3 +77,17 @@ def test_collapse_indicator_bounds():
 def test_effective_rank():
     assert float(effective_rank(torch.ones(5))) == pytest.approx(5.0)
     assert float(effective_rank(torch.tensor([1.0, 0, 0, 0]))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_collapse_indicator_is_the_population_std_of_normalised_rows(dtype):
+    gen = torch.Generator().manual_seed(1)
+    z = (torch.randn(37, 24, generator=gen) * torch.rand(37, 1, generator=gen) + 0.3).to(dtype)
+    rows = z.double().numpy()
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    expected = rows.std(axis=0).mean()
+    assert float(collapse_indicator(z)) == pytest.approx(expected, rel=1e-5)
+    # the caller's tensor is never written to
+    before = z.clone()
+    collapse_indicator(z)
+    assert torch.equal(z, before)
