@@ -69,10 +69,25 @@ CSV_COLUMNS = [
 ]
 
 
-def _fmt(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 1) -> str:
+def gain_over_untrained(results: Dict[str, Any], predictor: str, key: str) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and std over seeds of ``key`` minus the untrained backbone's of the same seed.
+
+    Seeds move the untrained backbone's accuracy by more than predictors differ, so the
+    paired difference is the fairer comparison.
+    """
+    base = {b["seed"]: b[key] for b in results.get("untrained") or ()}
+    gains = [r[key] - base[r["seed"]] for r in results["runs"]
+             if r["predictor"] == predictor and r["seed"] in base and r[key] is not None]
+    if not gains:
+        return None, None
+    return float(np.mean(gains)), (float(np.std(gains, ddof=1)) if len(gains) > 1 else None)
+
+
+def _fmt(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 1,
+         signed: bool = False) -> str:
     if mean is None:
         return "–"
-    text = f"{scale * mean:.{digits}f}"
+    text = f"{scale * mean:{'+' if signed else ''}.{digits}f}"
     return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
@@ -88,14 +103,16 @@ def markdown_table(results: Dict[str, Any]) -> str:
         + ("" if results.get("complete", True) else
            f" (**incomplete: {len(results['runs'])} of {results['planned_runs']} runs so far**)") + ".",
         "",
-        f"| predictor | kNN top-1 (%) | linear top-1 (%) | collapse | effective rank (of {cfg['proj_dim']}) "
-        "| alignment | ms / step | s / run | peak mem (MiB) | predictor params |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| predictor | kNN top-1 (%) | linear top-1 (%) | kNN − untrained | linear − untrained | collapse "
+        f"| effective rank (of {cfg['proj_dim']}) | alignment | ms / step | s / run | peak mem (MiB) | predictor params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["summary"]:
         lines.append(
             f"| {row['predictor']} | {_fmt(row['knn_top1_mean'], row['knn_top1_std'], 100)} "
             f"| {_fmt(row['linear_top1_mean'], row['linear_top1_std'], 100)} "
+            f"| {_fmt(*gain_over_untrained(results, row['predictor'], 'knn_top1'), 100, signed=True)} "
+            f"| {_fmt(*gain_over_untrained(results, row['predictor'], 'linear_top1'), 100, signed=True)} "
             f"| {_fmt(row['collapse_mean'], row['collapse_std'], digits=4)} "
             f"| {_fmt(row['effective_rank_mean'], row['effective_rank_std'])} "
             f"| {_fmt(row['alignment_mean'], row['alignment_std'], digits=3)} "
@@ -113,10 +130,12 @@ def markdown_table(results: Dict[str, Any]) -> str:
         # the initial ones, so its eval-mode projections say nothing about collapse.
         lines.append(
             f"| *untrained backbone* | {_fmt(*stats('knn_top1'), 100)} | {_fmt(*stats('linear_top1'), 100)} "
-            "| – | – | – | – | – | – | – |"
+            "| – | – | – | – | – | – | – | – | – |"
         )
     lines += [
         "",
+        "kNN − untrained, linear − untrained: each run's accuracy minus that of the untrained backbone "
+        "of the same seed (points), mean ± std over seeds. "
         f"collapse: mean std of the l2-normalised projections of the test images (isotropic maximum "
         f"1/sqrt({cfg['proj_dim']}) = {results['collapse_isotropic_max']:.4f}, 0 = complete collapse). "
         "effective rank: exp of the entropy of the normalised singular values of the centred test projections "

@@ -17,6 +17,7 @@ over the run, ``fallbacks`` counts refreshes handed to the exact rule by the sel
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,27 @@ BASELINES: Dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+def _imported_class(spec: str) -> Optional[Callable[..., nn.Module]]:
+    """The class named by an import path ``package.module.Class`` (with options after ``:``), else None.
+
+    Lets one run time any predictor class next to ours, e.g. another checkout's head
+    (``old.DirectPredHead:freq=5`` with that checkout's package copied as ``old`` on
+    ``PYTHONPATH``). The class is built as ``Class(dim, **options)``.
+    """
+    name, _ = parse_predictor_spec(spec)
+    module_name, dot, class_name = name.rpartition(".")
+    if not dot:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--predictors {spec!r}: cannot import {module_name!r} ({error})") from error
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"--predictors {spec!r}: {module_name}.{class_name} is not an nn.Module class")
+    return cls
+
+
 def parse_head_spec(spec: str) -> Dict[str, object]:
     """``"directpred"``, ``"directcopy:freq=5"``, ``"directpred:eps=0.05,refresh=exact"`` -> head kwargs.
 
@@ -83,8 +105,11 @@ class SpeedRow:
 
 
 def _build(name: str, dim: int, device: torch.device) -> nn.Module:
+    imported = _imported_class(name)
     if name in BASELINES:
         module = BASELINES[name](dim)
+    elif imported is not None:
+        module = imported(dim, **parse_predictor_spec(name)[1])
     else:
         module = DirectPredHead(dim, **parse_head_spec(name))  # type: ignore[arg-type]
     return module.to(device).train()
@@ -181,7 +206,7 @@ def measure(
             if "simsiam-mlp" in medians:
                 row.ratio_to_simsiam_mlp = medians[name] / medians["simsiam-mlp"]
             module = modules[name]
-            if isinstance(module, DirectPredHead) and name not in BASELINES:
+            if isinstance(module, DirectPredHead) and name not in BASELINES and _imported_class(name) is None:
                 row.refreshes = int(module.num_updates) // module.freq
                 if errors and module.refresh_strategy != "exact":
                     # the same calls in the same order as the timed run, so the same F_hat
@@ -234,8 +259,9 @@ DEFAULT_PREDICTORS = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048], help="predictor widths")
     parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
-                        help="byol-mlp, simsiam-mlp, floor, or head specs variant:key=value,... with Python-literal "
-                             "values, e.g. 'directpred:eps=0.05,freq=5,refresh=iterative'")
+                        help="byol-mlp, simsiam-mlp, floor, head specs variant:key=value,... with Python-literal "
+                             "values, e.g. 'directpred:eps=0.05,freq=5,refresh=iterative', or any nn.Module class "
+                             "by import path, built as Class(dim, **options): 'package.module.Class:key=value'")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per call")
     parser.add_argument("--calls", type=int, default=100, help="timed calls per configuration")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
@@ -251,7 +277,7 @@ def run(args: argparse.Namespace) -> List[SpeedRow]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     for spec in args.predictors:
-        if spec not in BASELINES:
+        if spec not in BASELINES and _imported_class(spec) is None:
             parse_head_spec(spec)  # bad names and values fail before any timing
     with torch_threads(args.threads):
         rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,

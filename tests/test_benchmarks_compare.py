@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
 from directpred_plugin.benchmarks.predictors import PREDICTORS
-from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA
+from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA, gain_over_untrained
 from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks.data import DigitsData, build_dataset
 
@@ -77,7 +77,7 @@ def test_results_csv_and_markdown(tiny_run):
     assert {r["method"] for r in rows} == {"byol"}
     assert all(0.0 <= float(r["knn_top1"]) <= 1.0 for r in rows)
     table = (tiny_run / "results.md").read_text()
-    assert "| predictor | kNN top-1 (%)" in table
+    assert "| predictor | kNN top-1 (%)" in table and "| kNN − untrained |" in table
     for name in ("| directpred |", "| none |", "untrained backbone", "Machine:"):
         assert name in table
 
@@ -233,3 +233,11 @@ def test_predictor_specs_parse_literals_and_name_bad_ones():
         compare.compare(compare.CompareConfig(predictors=["directpred:epsilon=0.1"]))
     with pytest.raises(ValueError, match="names a predictor twice"):
         compare.compare(compare.CompareConfig(predictors=["none", "none"]))
+
+
+def test_gain_over_untrained_pairs_runs_with_the_backbone_of_their_seed():
+    runs = [{"predictor": "a", "seed": s, "knn_top1": k} for s, k in [(0, 0.80), (1, 0.70)]]
+    untrained = [{"seed": 0, "knn_top1": 0.75}, {"seed": 1, "knn_top1": 0.60}]
+    mean, std = gain_over_untrained({"runs": runs, "untrained": untrained}, "a", "knn_top1")
+    assert mean == pytest.approx(0.075) and std == pytest.approx(0.05 / 2**0.5)
+    assert gain_over_untrained({"runs": runs, "untrained": []}, "a", "knn_top1") == (None, None)

@@ -75,3 +75,18 @@ def test_speed_options_are_python_literals(tmp_path):
         main(["speed", "--predictors", "directpred:eps=0.05x"])
     with pytest.raises(ValueError, match="head variant"):
         main(["speed", "--predictors", "directpredd"])
+
+
+def test_any_module_class_is_timed_by_import_path(tmp_path):
+    """Another checkout's head (or any predictor class) runs in the same process as ours."""
+    spec = "directpred_plugin.DirectPredHead:freq=3"
+    argv = ["speed", "--dims", "8", "--batch-size", "8", "--calls", "2", "--rounds", "1", "--no-progress",
+            "--predictors", "floor", spec, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {row["predictor"]: row for row in json.loads((tmp_path / "speed.json").read_text())}
+    assert rows[spec]["ms_per_call"] > 0 and rows[spec]["parameters"] == 0
+    assert rows[spec]["refreshes"] is None  # not one of ours by spec: no error replay
+    with pytest.raises(ValueError, match="cannot import 'no_such_package'"):
+        main(["speed", "--predictors", "no_such_package.Head"])
+    with pytest.raises(ValueError, match="not an nn.Module class"):
+        main(["speed", "--predictors", "json.dumps"])
