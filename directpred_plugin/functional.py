@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .rules import RuleOptions, directcopy_rule, directpred_rule, normalise_statistics
@@ -45,7 +44,7 @@ def collapse_and_energy(z: Tensor) -> Tuple[Tensor, Tensor]:
     """
     rows = z.detach().float()
     norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    normalized = rows / norms.clamp_min(1e-12)  # F.normalize's floor
+    normalized = rows / norms.clamp_min(1e-12)  # the floor of torch.nn.functional.normalize
     normalized -= normalized.mean(dim=0)
     collapse = normalized.square_().mean(dim=0).sqrt_().mean()
     return collapse, norms.square().sum()
