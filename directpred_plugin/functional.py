@@ -11,17 +11,17 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .rules import RuleOptions, directcopy_rule, directpred_rule, normalise_statistics
+from .rules import VARIANTS
 
 
 def directpred_weight(corr: Tensor, eps: float) -> Tensor:
     """DirectPred predictor (Tian, Chen & Ganguli, ICML 2021, Eq. 18) for a correlation ``corr``."""
-    return directpred_rule(normalise_statistics(corr), RuleOptions(eps=eps))
+    return VARIANTS["directpred"](corr, eps)
 
 
 def directcopy_weight(corr: Tensor, eps: float) -> Tensor:
     """DirectCopy predictor (Wang et al., 2021): ``W_p = F / lambda_max(F) + eps * I``."""
-    return directcopy_rule(normalise_statistics(corr), RuleOptions(eps=eps, alpha=1.0))
+    return VARIANTS["directcopy"](corr, eps)
 
 
 def collapse_indicator(z: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from . import functional
 from .distributed import all_reduce_sum_, world_size
 from .refresh import REFRESH_STRATEGIES, AutoRefresh
-from .rules import VARIANTS, RuleOptions, normalise_statistics
+from .rules import VARIANTS, RuleOptions, all_finite, normalise_statistics
 from .statistics import Pool, accumulate_, batch_moments, fold_, merge_
 
 __all__ = ["DirectPredHead", "CallsPerUpdate"]
@@ -378,7 +378,7 @@ class DirectPredHead(nn.Module):
             # empty batch has none: its std would warn and be NaN)
             if x.shape[0]:
                 collapse, energy = functional.collapse_and_energy(x)
-                usable = (energy * 0 + collapse * 0) == 0  # both finite: v * 0 is NaN for NaN and inf
+                usable = all_finite(energy, collapse)
                 collapse = collapse.to(self.last_collapse.dtype)
                 self.last_collapse.copy_(torch.where(usable, collapse, self.last_collapse))
         self._calls_in_group += 1

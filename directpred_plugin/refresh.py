@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_sum_
-from .rules import RuleOptions, Variant, all_finite, inverse_or_zero
+from .rules import RuleOptions, Variant, all_finite, inverse_or_zero, largest_magnitude
 
 __all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES"]
 
@@ -144,7 +144,7 @@ class IterativeRefresh(nn.Module):
         self.exact = ExactRefresh(dim)
 
     def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
-        power = variant.spectral_power(options) if variant.spectral_power is not None else None
+        power = variant.power(options)
         if power not in (0.5, 1.0):
             return self.exact(stats, variant, options)
         weight, bound = self.candidate(stats, power, options.eps)
@@ -235,7 +235,7 @@ class AutoRefresh(nn.Module):
         self.timings: Dict[str, float] = {}
 
     def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
-        power = variant.spectral_power(options) if variant.spectral_power is not None else None
+        power = variant.power(options)
         if power not in (0.5, 1.0):
             return self.exact(stats, variant, options)
         if self._choice is None:
@@ -244,7 +244,7 @@ class AutoRefresh(nn.Module):
             # Timing waits for the device anyway, so reading it here costs nothing more. All-zero
             # statistics (no update folded yet: the first pools were skipped or empty) are no
             # refresh to measure, and deciding on them would make a skipped step change state.
-            if not bool(stats.abs().amax() > 0):
+            if not bool(largest_magnitude(stats) > 0):
                 return self.exact(stats, variant, options)
             self._choice = self._measure(stats, variant, options)
             self.choice.fill_(self._choice)
@@ -252,7 +252,7 @@ class AutoRefresh(nn.Module):
         return strategy(stats, variant, options)
 
     def _measure(self, stats: Tensor, variant: Variant, options: RuleOptions) -> int:
-        power = variant.spectral_power(options) if variant.spectral_power is not None else None
+        power = variant.power(options)
         key = (stats.device.type, stats.shape[-1], stats.dtype, power)
         if key in _MEASURED:  # one measurement per process and kind of refresh: heads agree
             self.timings = _MEASURED[key]

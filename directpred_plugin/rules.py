@@ -45,13 +45,14 @@ def inverse_or_zero(value: Tensor) -> Tensor:
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
-    """``isfinite(t).all()`` over all ``tensors`` (0-dim bool), one reading pass each, no mask.
+    """``isfinite(t).all()`` over all ``tensors`` (0-dim bool), one reading pass each, no mask
+    (0-dim tensors are their own extremes).
 
     NaN and +-inf reach a tensor's min or max, and ``v * 0`` is 0 exactly when ``v`` is
     finite (a difference of the extremes could overflow instead). ``isfinite`` would
     write and re-read a mask as large as the tensor, several times over.
     """
-    extremes = [v for t in tensors if t.numel() for v in torch.aminmax(t)]
+    extremes = [v for t in tensors if t.numel() for v in (torch.aminmax(t) if t.dim() else (t,))]
     if not extremes:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device)
     return torch.stack([v.to(extremes[0].dtype) for v in extremes]).mul_(0).sum() == 0
@@ -123,6 +124,10 @@ class Variant:
     (an iterative refresh approximates ``a`` in {1/2, 1}); None for rules that are not of
     that form or that already use matrix products only."""
     summary: str
+
+    def power(self, options: RuleOptions) -> Optional[float]:
+        """The spectral power ``a`` for these options, or None (see ``spectral_power``)."""
+        return self.spectral_power(options) if self.spectral_power is not None else None
 
     def __call__(self, stats: Tensor, options: Union[float, RuleOptions] = RuleOptions()) -> Tensor:
         """The exact ``W_p`` for (unnormalised) statistics; ``options`` may be just ``eps``."""

@@ -59,3 +59,15 @@ def test_the_first_fold_replaces_the_estimate():
     outer, _, rows = (t.clone() for t in pool)
     corr, _, updates, _ = fold(pool, corr=torch.full((DIM, DIM), 5.0), updates=0)
     torch.testing.assert_close(corr, outer / rows)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_reads_matrices_vectors_and_scalars(bad):
+    from directpred_plugin.rules import all_finite
+
+    finite = (torch.ones(3, 3), torch.zeros(4), torch.tensor(2.0), torch.empty(0))
+    assert bool(all_finite(*finite))
+    for index in range(3):
+        tensors = [t.clone() for t in finite]
+        tensors[index].view(-1)[-1] = bad
+        assert not bool(all_finite(*tensors))
