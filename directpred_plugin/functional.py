@@ -6,12 +6,10 @@ without a :class:`~directpred_plugin.DirectPredHead`.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
-from .rules import VARIANTS
+from .rules import VARIANTS, largest_magnitude
 
 
 def directpred_weight(corr: Tensor, eps: float) -> Tensor:
@@ -25,29 +23,27 @@ def directcopy_weight(corr: Tensor, eps: float) -> Tensor:
 
 
 def collapse_indicator(z: Tensor) -> Tensor:
-    """Mean over dimensions of the std of l2-normalised rows of ``z``.
+    """Mean over dimensions of the std of l2-normalised rows of ``z`` (float32, 0-dim).
 
     Uses the population std, so the value lies in ``[0, 1/sqrt(dim)]``: 0 means every
     sample maps to the same direction (complete collapse), ``1/sqrt(dim)`` is reached by
     isotropic outputs. The same statistic is used by lightly's BYOL/SimSiam examples.
+    Scale-invariant: the rows are divided by the batch's largest entry (in their own dtype)
+    before anything is squared, so ``c * z`` reads as ``z`` for any finite ``c != 0``.
+    Two passes over the centred rows, as ``std`` does, without its slow column reduction:
+    this runs on every training call of the head.
     """
-    return collapse_and_energy(z)[0]
-
-
-def collapse_and_energy(z: Tensor) -> Tuple[Tensor, Tensor]:
-    """:func:`collapse_indicator` of ``z`` and the sum of its squared entries (both float32).
-
-    The energy tells a caller whether the batch's second moments are representable (it
-    is non-finite if any entry, or any sum of squares, is). Two passes over the centred
-    rows, as ``std`` does, but without ``std``'s slow column reduction: this runs on every
-    training call of the head.
-    """
-    rows = z.detach().float()
+    rows = z.detach()
+    if rows.dtype not in (torch.float32, torch.float64):  # scaling in half precision would round
+        rows = rows.float()
+    if rows.numel():
+        largest = largest_magnitude(rows)
+        rows = rows / torch.where(largest > 0, largest, torch.ones_like(largest))
+    rows = rows.float()
     norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     normalized = rows / norms.clamp_min(1e-12)  # the floor of torch.nn.functional.normalize
     normalized -= normalized.mean(dim=0)
-    collapse = normalized.square_().mean(dim=0).sqrt_().mean()
-    return collapse, norms.square().sum()
+    return normalized.square_().mean(dim=0).sqrt_().mean()
 
 
 def eigenspace_alignment(weight: Tensor, corr: Tensor) -> Tensor:

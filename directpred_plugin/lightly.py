@@ -69,6 +69,7 @@ class DirectPredPredictionHead(DirectPredHead):
 
     Args:
         input_dim: Width of the projections the head predicts from (and of its output).
+            Required: lightly's heads default to different widths (256 for BYOL, 2048 for SimSiam).
         hidden_dim: Ignored: DirectPred has no hidden layer. Accepted so that the MLP
             head's arguments can stay as they are.
         output_dim: Must equal ``input_dim`` if given (``W_p`` is square).
@@ -84,7 +85,7 @@ class DirectPredPredictionHead(DirectPredHead):
 
     def __init__(
         self,
-        input_dim: int = 256,
+        input_dim: Optional[int] = None,
         hidden_dim: Optional[int] = None,
         output_dim: Optional[int] = None,
         *,
@@ -92,6 +93,13 @@ class DirectPredPredictionHead(DirectPredHead):
         **options: Any,
     ) -> None:
         del hidden_dim  # the MLP's width; DirectPred has no hidden layer
+        if input_dim is None:
+            raise TypeError(
+                "DirectPredPredictionHead needs input_dim, the width of the projections it predicts from: "
+                "lightly's BYOLPredictionHead() and NNCLRPredictionHead() default to 256, "
+                "SimSiamPredictionHead() to 2048, so no one default fits the head it replaces. "
+                "Write e.g. DirectPredPredictionHead(2048) for SimSiam, DirectPredPredictionHead(256) for BYOL."
+            )
         if output_dim is not None and output_dim != input_dim:
             raise ValueError(
                 f"DirectPredPredictionHead maps input_dim to itself (got input_dim={input_dim}, "

@@ -1,31 +1,32 @@
-"""How a :class:`~directpred_plugin.DirectPredHead` evaluates its rule at a refresh.
+"""How a head turns its statistics into ``W_p`` at a refresh.
 
 A strategy is an ``nn.Module`` built as ``Strategy(dim, **options)`` and called as
 ``strategy(stats, variant, options)`` on the scale-normalised statistics
 (:func:`~directpred_plugin.rules.normalise_statistics`). It returns a candidate ``W_p``
-and a 0-dim boolean tensor saying whether the candidate may be used; the head keeps the
-previous ``W_p`` where it may not. Strategies are looked up by name in
-:data:`REFRESH_STRATEGIES`.
+and a 0-dim boolean tensor saying whether the candidate may be used. Strategies are looked
+up by name in :data:`REFRESH_STRATEGIES`:
 
 - :class:`ExactRefresh`: the variant's own rule (an eigendecomposition for spectral rules).
 - :class:`IterativeRefresh`: matrix products only, with a certified error bound.
-- :class:`AutoRefresh`: whichever of the two measured faster on the first refresh.
+- :class:`AutoRefresh`: exact on the CPU, iterative on accelerators (by principle, no timing).
+
+:class:`Refresher` owns a head's strategy and what a refresh leaves behind: when it last
+applied, how many results were refused, and the policy that follows a refusal.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import all_reduce_sum_
-from .rules import RuleOptions, Variant, all_finite, inverse_or_zero, largest_magnitude
+from .options import ITERATIVE_POWERS, HeadOptions, check_int, check_real
+from .rules import VARIANTS, RuleOptions, Variant, all_finite, inverse_or_zero, normalise_statistics
 
-__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES"]
+__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "Refresher"]
 
 Candidate = Tuple[Tensor, Tensor]
 
@@ -42,6 +43,9 @@ class ExactRefresh(nn.Module):
 
     def __init__(self, dim: Optional[int] = None) -> None:
         super().__init__()
+
+    def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
+        return True
 
     def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
         dtypes = [stats.dtype] if stats.dtype == torch.float64 else [stats.dtype, torch.float64]
@@ -127,15 +131,11 @@ class IterativeRefresh(nn.Module):
         sqrt_floor: float = 1e-3,
     ) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-            raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
-        for name, value in (("squarings", squarings), ("sqrt_steps", sqrt_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(sqrt_floor, (int, float)) and 0 < sqrt_floor < 1):
-            raise ValueError(f"sqrt_floor must be a float in (0, 1), got {sqrt_floor!r}")
+        dim = check_int("dim", dim, minimum=1)
+        tol = check_real("tol", tol, 0.0, 1.0, lower_open=True, upper_open=True)
+        squarings = check_int("squarings", squarings, minimum=1)
+        sqrt_steps = check_int("sqrt_steps", sqrt_steps, minimum=1)
+        sqrt_floor = check_real("sqrt_floor", sqrt_floor, 0.0, 1.0, lower_open=True, upper_open=True)
         self.dim = dim
         self.tol = float(tol)
         self.squarings = squarings
@@ -143,9 +143,12 @@ class IterativeRefresh(nn.Module):
         self.sqrt_floor = float(sqrt_floor)
         self.exact = ExactRefresh(dim)
 
+    def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
+        return variant.power(options) not in ITERATIVE_POWERS
+
     def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
         power = variant.power(options)
-        if power not in (0.5, 1.0):
+        if power not in ITERATIVE_POWERS:
             return self.exact(stats, variant, options)
         weight, bound = self.candidate(stats, power, options.eps)
         return weight, all_finite(weight) & (bound <= self.tol)
@@ -205,87 +208,28 @@ class IterativeRefresh(nn.Module):
 
 
 class AutoRefresh(nn.Module):
-    """The faster of :class:`ExactRefresh` and :class:`IterativeRefresh`, by measurement.
+    """:class:`ExactRefresh` on the CPU, :class:`IterativeRefresh` on accelerators.
 
-    On the first refresh that the iterative strategy can serve, both strategies run on the
-    real statistics, once to warm up and three times timed (waiting for the device around
-    each; the fastest run counts). The iterative strategy is chosen only if it took less
-    than ``margin`` times the exact one. The measurement is made once per process for each
-    device type, width, dtype and power, so all heads of a process agree; under
-    ``torch.distributed`` the timings are summed over ranks first, so that every rank makes
-    the same choice (and so keeps the same ``W_p``). The choice is a buffer: it is saved
-    with the head and a resumed run keeps it. A choice by timing can differ between
-    machines; pass ``refresh="exact"`` where runs must be bit-reproducible across them.
-    Options go to the iterative strategy.
+    Chosen by principle, not by timing: on a CPU LAPACK's eigendecomposition costs less
+    than the ~40 matrix products of the iterative refresh at every width measured, while on
+    an accelerator the eigendecomposition waits for the device (and is slow) and matrix
+    products are what it does best. So the choice is the same on every run of a machine
+    kind and costs nothing; options go to the iterative strategy.
     """
 
-    choice: Tensor
-    UNDECIDED, EXACT, ITERATIVE = -1, 0, 1
-
-    def __init__(self, dim: int, *, margin: float = 0.8, process_group: Optional[object] = None, **options) -> None:
+    def __init__(self, dim: int, **options: Any) -> None:
         super().__init__()
-        if not (isinstance(margin, (int, float)) and margin > 0):
-            raise ValueError(f"margin must be a positive float, got {margin!r}")
-        self.margin = float(margin)
-        self.process_group = process_group
         self.iterative = IterativeRefresh(dim, **options)
         self.exact = self.iterative.exact
-        self.register_buffer("choice", torch.full((), self.UNDECIDED, dtype=torch.long))
-        self._choice: Optional[int] = None
-        self.timings: Dict[str, float] = {}
+
+    def strategy_for(self, device: torch.device) -> nn.Module:
+        return self.exact if device.type == "cpu" else self.iterative
+
+    def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
+        return self.strategy_for(stats.device).is_exact(stats, variant, options)
 
     def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
-        power = variant.power(options)
-        if power not in (0.5, 1.0):
-            return self.exact(stats, variant, options)
-        if self._choice is None:
-            self._choice = int(self.choice)
-        if self._choice == self.UNDECIDED:
-            # Timing waits for the device anyway, so reading it here costs nothing more. All-zero
-            # statistics (no update folded yet: the first pools were skipped or empty) are no
-            # refresh to measure, and deciding on them would make a skipped step change state.
-            if not bool(largest_magnitude(stats) > 0):
-                return self.exact(stats, variant, options)
-            self._choice = self._measure(stats, variant, options)
-            self.choice.fill_(self._choice)
-        strategy = self.iterative if self._choice == self.ITERATIVE else self.exact
-        return strategy(stats, variant, options)
-
-    def _measure(self, stats: Tensor, variant: Variant, options: RuleOptions) -> int:
-        power = variant.power(options)
-        key = (stats.device.type, stats.shape[-1], stats.dtype, power)
-        if key in _MEASURED:  # one measurement per process and kind of refresh: heads agree
-            self.timings = _MEASURED[key]
-        else:
-            seconds = []
-            for strategy in (self.exact, self.iterative):
-                strategy(stats, variant, options)  # warm-up
-                runs = []
-                for _ in range(3):  # the fastest of three: a busy machine only slows runs down
-                    _wait_for(stats.device)
-                    start = time.perf_counter()
-                    strategy(stats, variant, options)
-                    _wait_for(stats.device)
-                    runs.append(time.perf_counter() - start)
-                seconds.append(min(runs))
-            measured = torch.tensor(seconds, dtype=torch.float64, device=stats.device)
-            all_reduce_sum_(measured, self.process_group)
-            exact, iterative = measured.tolist()
-            self.timings = _MEASURED[key] = {"exact_s": exact, "iterative_s": iterative}
-        return self.ITERATIVE if self.timings["iterative_s"] < self.margin * self.timings["exact_s"] else self.EXACT
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._choice = None  # re-read from the loaded buffer
-
-
-#: Timings of AutoRefresh's measurements in this process, by (device type, dim, dtype, power).
-_MEASURED: Dict[tuple, Dict[str, float]] = {}
-
-
-def _wait_for(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
+        return self.strategy_for(stats.device)(stats, variant, options)
 
 
 #: Refresh strategies by name; ``DirectPredHead(refresh=...)`` looks them up here.
@@ -294,3 +238,74 @@ REFRESH_STRATEGIES: Dict[str, Type[nn.Module]] = {
     "iterative": IterativeRefresh,
     "auto": AutoRefresh,
 }
+
+
+class Refresher(nn.Module):
+    """A head's refresh: its strategy, ``refreshed_at`` / ``refresh_rejections``, the fallback.
+
+    :meth:`refresh_` evaluates the variant on the normalised statistics and writes ``W_p``
+    in place where the candidate is usable and the statistics changed since the last
+    refresh (decided on the device), with an optional EMA on ``W_p``
+    (``weight_momentum``). After the host learns of a refused candidate
+    (:meth:`rejection_learned`), the next refresh uses the exact rule; that pending
+    fallback is saved with the module.
+    """
+
+    refreshed_at: Tensor
+    refresh_rejections: Tensor
+
+    def __init__(self, options: HeadOptions) -> None:
+        super().__init__()
+        self.variant: Variant = VARIANTS[options.variant]
+        self.rule = options.rule
+        self.ridge = options.ridge
+        self.weight_momentum = options.weight_momentum
+        try:
+            self.strategy = REFRESH_STRATEGIES[options.refresh](options.dim, **options.refresh_options)
+        except TypeError as err:
+            raise ValueError(
+                f"refresh_options {sorted(options.refresh_options)} are not all options of "
+                f"refresh={options.refresh!r}: {err}"
+            ) from None
+        self.exact = getattr(self.strategy, "exact", None) or ExactRefresh(options.dim)
+        self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
+        self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
+        self.exact_next = False
+        self.exact_refreshes = 0
+
+    def refresh_(self, weight: Tensor, stats: Tensor, num_updates: Tensor, *, force: bool = False) -> Tensor:
+        """Recompute ``weight`` in place from ``stats``; returns whether it was (0-dim bool)."""
+        changed = num_updates > (0 if force else self.refreshed_at)
+        normalised = normalise_statistics(stats, self.ridge)
+        strategy = self.strategy
+        if self.exact_next:
+            self.exact_next = False
+            if not strategy.is_exact(normalised, self.variant, self.rule):
+                strategy = self.exact
+                self.exact_refreshes += 1
+        candidate, ok = strategy(normalised, self.variant, self.rule)
+        candidate = candidate.to(weight.dtype)
+        if self.weight_momentum:
+            none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9
+            momentum = torch.where(self.refreshed_at > 0, none + self.weight_momentum, none)
+            candidate = momentum * weight + (1 - momentum) * candidate
+        use = ok & changed
+        torch.where(use, candidate, weight, out=weight)  # in place: no dim x dim temporary
+        self.refreshed_at.copy_(torch.where(use, num_updates, self.refreshed_at))
+        self.refresh_rejections.add_((changed & ~ok).long())
+        return use
+
+    def rejection_learned(self) -> None:
+        self.exact_next = True
+
+    def reset(self) -> None:
+        self.refreshed_at.zero_()
+        self.refresh_rejections.zero_()
+        self.exact_next, self.exact_refreshes = False, 0
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"exact_next": self.exact_next, "exact_refreshes": self.exact_refreshes}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self.exact_next = bool(state["exact_next"])
+        self.exact_refreshes = int(state["exact_refreshes"])

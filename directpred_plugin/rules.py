@@ -72,7 +72,9 @@ def normalise_statistics(stats: Tensor, ridge: float = 0.0) -> Tensor:
     ``lambda_max``. So the normalised matrix has eigenvalues in ``[0, dim]`` whatever the
     scale of the input, as long as ``stats`` itself is representable.
     """
-    normalised = stats * inverse_or_zero(largest_magnitude(stats))
+    largest = largest_magnitude(stats)
+    # a true division: a subnormal largest entry has no representable reciprocal
+    normalised = stats / torch.where(largest > 0, largest, torch.ones_like(largest))
     if ridge:
         normalised = normalised + ridge * torch.eye(stats.shape[-1], dtype=stats.dtype, device=stats.device)
     return normalised

@@ -49,7 +49,7 @@ def main(out_dir, sync_dist):
             "world_size": trainer.world_size,
             "weights": record.weights,
             "first_batch": record.first_batch,
-            "state": {k: v.clone() for k, v in head.state_dict().items()},
+            "state": {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)},
             "gathered": gathered,
         },
         f"{out_dir}/rank{trainer.global_rank}.pt",

@@ -56,7 +56,9 @@ def fit(pl, model, tmp_path, ckpt_path=None, **trainer_options):
 def test_prediction_head_is_square_and_follows_lightly_conventions():
     head = DirectPredPredictionHead(input_dim=32, output_dim=32, rho=0.5, calls_per_update=2)
     assert isinstance(head, DirectPredHead) and head.dim == 32 and head.rho == 0.5
-    assert DirectPredPredictionHead().dim == 256  # lightly's BYOLPredictionHead default width
+    # lightly's BYOLPredictionHead() is 256 wide and SimSiamPredictionHead() 2048: no default fits both
+    with pytest.raises(TypeError, match="needs input_dim.*SimSiamPredictionHead\(\) to 2048"):
+        DirectPredPredictionHead()
     with pytest.raises(ValueError, match="square"):
         DirectPredPredictionHead(input_dim=256, output_dim=128)
 
@@ -89,7 +91,7 @@ def test_renamed_byol_head_trains_in_a_lightning_trainer(tmp_path):
     head = model.prediction_head
     assert type(head) is DirectPredPredictionHead and list(head.parameters()) == []
     # one update per step ("auto"); the third step's pool waits for a fourth step's first call
-    assert int(head.num_updates) == 2 and int(head.pending_calls) == 2
+    assert int(head.num_updates) == 2 and head.schedule.calls == 2
     assert (head.weight - torch.eye(DIM)).abs().max() > 0.05
 
 
@@ -211,7 +213,7 @@ class HeadSnapshots(pytorch_lightning.Callback):
 
 def _head_state(model):
     head = model.prediction_head
-    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in head.state_dict().items()}
     state["host_updates"] = int(head.diagnostics()["num_steps"])
     return state
 
@@ -268,7 +270,7 @@ def test_lightning_ddp_ranks_hold_identical_predictor(tmp_path):
     gathered = rank0["gathered"]  # all_gather of W_p over ranks, inside the run
     assert gathered.shape == (2, DIM, DIM) and torch.equal(gathered[0], gathered[1])
     assert (rank0["state"]["weight"] - torch.eye(DIM)).abs().max() > 0.05
-    assert int(rank0["state"]["num_updates"]) == 4
+    assert int(rank0["state"]["stats.num_updates"]) == 4
 
 
 # ---------------------------------------------------------------------- diagnostics callback
@@ -285,7 +287,7 @@ def test_diagnostics_callback_logs_to_csv(tmp_path, flavour):
     assert [float(row["directpred/prediction_head/num_updates"]) for row in rows] == [2.0, 4.0]
     for row in rows:
         assert float(row["directpred/prediction_head/alignment"]) == pytest.approx(1.0, abs=1e-6)
-        assert 0.0 < float(row["directpred/prediction_head/collapse"]) <= 1.0
+        assert 0.0 < float(row["directpred/prediction_head/last_collapse"]) <= 1.0
         assert float(row["directpred/prediction_head/corr_eig_max"]) > 0
         assert float(row["directpred/prediction_head/weight_eig_max"]) == pytest.approx(1.0 + model.prediction_head.eps, abs=1e-5)
 
@@ -388,7 +390,7 @@ def test_recipe_smoke_on_digits(tmp_path, monkeypatch, name):
     # Two views per step, one update per step (the default "auto" pools them); the second
     # step's pool is folded by the first call of a third step, which this run does not make.
     assert isinstance(head, DirectPredPredictionHead) and head.calls_per_update == "auto"
-    assert int(head.num_updates) == 1 and int(head.pending_calls) == 2
+    assert int(head.num_updates) == 1 and head.schedule.calls == 2
     assert not any(isinstance(m, (BYOLPredictionHead, SimSiamPredictionHead)) for m in model.modules())
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     metrics = next(Path(tmp_path).rglob("metrics.csv")).read_text()

@@ -1,18 +1,35 @@
-"""The pool and the EMA fold: the bad-pool rule sees every non-finite entry, wherever it is."""
+"""The running statistics: the fold, pooling, the sum over ranks, and what a pool must be to count.
 
+The EMA fold (raw and centred), the bad-pool rule (every non-finite entry, overflow only
+once pooled or summed over ranks, squares that underflow the dtype), the stable covariance
+of ``center=True``, the scale-invariant collapse indicator, and no collective without
+``sync_dist``.
+"""
+
+import math
+import os
+import socket
+import warnings
+
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from directpred_plugin.statistics import Pool, accumulate_, fold_
+from _helpers import assert_same_state, call, make_batches, snapshot
+from _reference import ReferenceHead, directpred_matrix
+from directpred_plugin import VARIANTS, DirectPredHead
+from directpred_plugin.rules import normalise_statistics
+from directpred_plugin.statistics import Pool, fold_
 
 DIM = 6
 
 
 def make_pool(rows=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    pool = Pool(torch.zeros(DIM, DIM), torch.zeros(DIM), torch.zeros((), dtype=torch.long))
-    accumulate_(pool, torch.randn(rows, DIM, generator=gen))
-    return pool
+    x = torch.randn(rows, DIM, generator=gen)
+    return Pool(x.T @ x, x.sum(dim=0), torch.tensor(float(rows)))
 
 
 def fold(pool, corr=None, updates=1, rho=0.3):
@@ -33,11 +50,13 @@ def test_a_finite_pool_is_folded_as_the_ema():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("where", ["outer-first", "outer-last", "outer-off-diagonal", "total"])
+@pytest.mark.parametrize("where", ["outer-first", "outer-last", "outer-off-diagonal", "total", "rows"])
 def test_any_non_finite_entry_skips_the_pool_and_changes_nothing(value, where):
     pool = make_pool()
     if where == "total":
         pool.total[DIM - 1] = value
+    elif where == "rows":  # how a batch whose squares underflow marks its pool
+        pool.rows.fill_(value)
     else:
         index = {"outer-first": (0, 0), "outer-last": (DIM - 1, DIM - 1), "outer-off-diagonal": (1, 4)}[where]
         pool.outer[index] = value
@@ -48,7 +67,7 @@ def test_any_non_finite_entry_skips_the_pool_and_changes_nothing(value, where):
 
 
 def test_an_empty_pool_changes_nothing_and_is_not_a_skip():
-    pool = Pool(torch.zeros(DIM, DIM), torch.zeros(DIM), torch.zeros((), dtype=torch.long))
+    pool = Pool(torch.zeros(DIM, DIM), torch.zeros(DIM), torch.zeros(()))
     corr, mean, updates, result = fold(pool)
     assert torch.equal(corr, torch.eye(DIM) * 2.0) and int(updates) == 1
     assert not bool(result.folded) and not bool(result.skipped)
@@ -71,3 +90,221 @@ def test_all_finite_reads_matrices_vectors_and_scalars(bad):
         tensors = [t.clone() for t in finite]
         tensors[index].view(-1)[-1] = bad
         assert not bool(all_finite(*tensors))
+
+
+def test_the_centred_fold_is_the_recurrence_of_f_hat_and_mu_without_its_cancellation():
+    """corr holds F_hat - mu mu^T exactly as the raw recurrence of F_hat and mu gives it."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(9, DIM, generator=gen, dtype=torch.float64) + 2.0 for _ in range(4)]
+    raw_f, raw_mu = torch.zeros(DIM, DIM, dtype=torch.float64), torch.zeros(DIM, dtype=torch.float64)
+    cov, mean = torch.zeros_like(raw_f), torch.zeros_like(raw_mu)
+    raw_updates, updates = torch.tensor(0), torch.tensor(0)
+    for k, x in enumerate(batches):
+        fold_(raw_f, raw_mu, raw_updates, Pool(x.T @ x, x.sum(0), torch.tensor(9.0, dtype=torch.float64)), 0.3)
+        shift = x[0] * 0.5 + k  # any shift: the moments are of x - shift
+        y = x - shift
+        fold_(cov, mean, updates, Pool(y.T @ y, y.sum(0), torch.tensor(9.0, dtype=torch.float64)), 0.3, shift)
+        torch.testing.assert_close(mean, raw_mu, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cov, raw_f - torch.outer(raw_mu, raw_mu), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- the head's statistics
+def overflowing_row(scale_of_sum=1.2, dim=DIM):
+    """One row whose z^T z is finite in float32 but whose double is not (max ~3.4e38)."""
+    return torch.full((1, dim), math.sqrt(torch.finfo(torch.float32).max / scale_of_sum))
+
+
+def test_pool_that_overflows_only_once_pooled_is_skipped_and_training_resumes():
+    batches = make_batches(6, dim=DIM)
+    head = DirectPredHead(DIM, calls_per_update=2)
+    ref = ReferenceHead(DIM)
+    call(head, batches[0]), call(head, batches[1])
+    ref.fold(torch.cat(batches[:2]).double().numpy())
+    before = snapshot(head)
+    row = overflowing_row()
+    assert torch.isfinite(row.T @ row).all() and not torch.isfinite(2 * (row.T @ row)).all()
+    call(head, row), call(head, row)
+    assert int(head.num_skipped) == 1
+    assert_same_state(before, snapshot(head), ignore=["stats.num_skipped", "_extra_state"])
+    with pytest.warns(RuntimeWarning, match="not representable"):  # the host learns of it one step later
+        for view0, view1 in zip(batches[2::2], batches[3::2]):
+            call(head, view0), call(head, view1)
+            ref.fold(torch.cat([view0, view1]).double().numpy())
+    assert int(head.num_updates) == ref.updates == 3
+    np.testing.assert_allclose(head.weight.numpy(), ref.W, atol=1e-4)
+
+
+DDP_STEPS, DDP_OVERFLOW_STEP = 5, 2
+
+
+def _ddp_batches(rank):
+    batches = make_batches(DDP_STEPS, batch=4 + 3 * rank, dim=DIM, seed=50 + rank)
+    batches[DDP_OVERFLOW_STEP] = overflowing_row()  # finite on each rank, inf once summed
+    return batches
+
+
+def _ddp_overflow_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head = DirectPredHead(DIM, refresh="exact")
+        weights = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for z in _ddp_batches(rank):
+                call(head, z)
+                weights.append(head.weight.clone())
+        torch.save({"state": snapshot(head), "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_pool_that_overflows_only_after_the_all_reduce_is_skipped_on_every_rank(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_overflow_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert_same_state(ranks[0]["state"], ranks[1]["state"])
+    state, weights = ranks[0]["state"], ranks[0]["weights"]
+    assert int(state["stats.num_skipped"]) == 1 and int(state["stats.num_updates"]) == DDP_STEPS - 1
+    assert torch.isfinite(state["stats.corr"]).all()
+    assert torch.equal(weights[DDP_OVERFLOW_STEP], weights[DDP_OVERFLOW_STEP - 1])  # frozen by the skip only
+    assert not torch.equal(weights[-1], weights[DDP_OVERFLOW_STEP])  # and updated again afterwards
+    ref = ReferenceHead(DIM)
+    for step, (z0, z1) in enumerate(zip(_ddp_batches(0), _ddp_batches(1))):
+        if step != DDP_OVERFLOW_STEP:
+            ref.fold(torch.cat([z0, z1]).double().numpy())
+    np.testing.assert_allclose(state["weight"].numpy(), ref.W, atol=1e-4)
+
+
+@pytest.mark.parametrize("refresh", ["exact", "iterative"])
+def test_nan_batch_changes_no_state_but_the_skip_count_first_call_or_mid_training(refresh):
+    head = DirectPredHead(DIM, refresh=refresh)
+    bad = make_batches(1, dim=DIM, seed=7)[0]
+    bad[3, 2] = float("nan")
+    for warm_up in (0, 3):
+        for z in make_batches(warm_up, dim=DIM):
+            call(head, z)
+        before = snapshot(head)
+        out = call(head, bad)
+        assert out.shape == bad.shape
+        assert_same_state(before, snapshot(head), ignore=["stats.num_skipped", "_extra_state"])
+        if warm_up == 0:
+            assert torch.equal(head.weight, torch.eye(DIM))  # not eps * I
+            with pytest.warns(RuntimeWarning, match="not representable"):  # learned one step later
+                call(head, make_batches(1, dim=DIM, seed=8)[0])
+    assert int(head.num_skipped) == 2
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-30])
+def test_a_batch_whose_squares_underflow_is_skipped_like_its_overflow_twin(scale):
+    """float32 squares of 1e-25 are 0: folding them would claim F_hat = 0 and W_p = eps I."""
+    batches = make_batches(3, dim=DIM)
+    head = DirectPredHead(DIM)
+    call(head, batches[0])
+    before = snapshot(head)
+    call(head, batches[1] * scale)
+    assert int(head.num_skipped) == 1
+    assert_same_state(before, snapshot(head), ignore=["stats.num_skipped", "_extra_state"])
+    with pytest.warns(RuntimeWarning, match="stats_dtype=torch.float64"):
+        call(head, batches[2])
+    # float64 statistics hold that scale, and the rule is scale-free
+    wide = DirectPredHead(DIM, stats_dtype=torch.float64)
+    call(wide, batches[1].double() * scale)
+    exact = directpred_matrix(batches[1].double().T.numpy() @ batches[1].double().numpy(), 0.01)
+    np.testing.assert_allclose(wide.weight.numpy(), exact, atol=1e-6)
+
+
+def test_an_all_zero_batch_is_representable_and_folded():
+    head = DirectPredHead(DIM, eps=0.1)
+    call(head, torch.zeros(4, DIM))
+    assert int(head.num_updates) == 1 and int(head.num_skipped) == 0
+    assert torch.allclose(head.weight, 0.1 * torch.eye(DIM))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_subnormal_statistics_are_normalised_like_their_normal_twin(variant):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, DIM, generator=gen)
+    stats = x.T @ x / 20
+    tiny = stats * 2.0**-135  # largest entry ~1e-40: subnormal in float32, digits intact to ~1e-6
+    assert 0 < tiny.abs().max() < torch.finfo(torch.float32).tiny
+    spacing = 2.0**-149 / float(tiny.abs().max())  # what a subnormal can still resolve, relative to the top
+    torch.testing.assert_close(normalise_statistics(tiny), normalise_statistics(stats), rtol=0, atol=2 * spacing)
+    expected = VARIANTS[variant](stats.double())
+    got = VARIANTS[variant](tiny)
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_centred_statistics_in_float32_survive_a_large_common_offset():
+    """F_hat - mu mu^T of raw float32 moments loses everything to an offset of 1e4."""
+    gen = torch.Generator().manual_seed(5)
+    mixing = torch.randn(DIM, DIM, generator=gen, dtype=torch.float64)
+    batches = [(torch.randn(64, DIM, generator=gen, dtype=torch.float64) @ mixing + 1e4).float() for _ in range(6)]
+    head = DirectPredHead(DIM, center=True, refresh="exact")
+    ref = ReferenceHead(DIM, center=True)
+    for z in batches:
+        call(head, z)
+        ref.fold(z.double().numpy())
+    expected = ref.F - np.outer(ref.mu, ref.mu)
+    np.testing.assert_allclose(head.corr.double().numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    error = np.linalg.norm(head.weight.double().numpy() - ref.W) / np.linalg.norm(ref.W)
+    assert error < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_collapse_indicator_is_scale_invariant(dtype):
+    z = make_batches(1, dim=DIM, dtype=dtype)[0]
+    scales = [1.0, 1e-14, 1e14] + ([1e-100, 1e20, 1e100] if dtype == torch.float64 else [1e-18])
+    readings = []
+    for scale in scales:
+        head = DirectPredHead(DIM, stats_dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the extreme scales skip the fold; the reading stays
+            call(head, z * scale)
+        readings.append(float(head.last_collapse))
+    assert all(math.isfinite(r) for r in readings)
+    assert readings == pytest.approx([readings[0]] * len(scales), rel=1e-5)
+    assert readings[0] > 0.1
+
+
+def test_the_collapse_indicator_ignores_in_place_edits_of_the_callers_z():
+    head = DirectPredHead(DIM)
+    z = make_batches(1, dim=DIM)[0].requires_grad_(True)
+    head(z)
+    reported = float(head.last_collapse)
+    with torch.no_grad():
+        z.fill_(1.0)  # a fully collapsed batch, written after the call
+    assert float(head.last_collapse) == reported > 0.1
+
+
+def test_empty_batch_is_an_empty_step():
+    head = DirectPredHead(DIM)
+    call(head, make_batches(1, dim=DIM)[0])
+    before = snapshot(head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = call(head, torch.empty(0, DIM))
+    assert out.shape == (0, DIM)
+    assert_same_state(before, snapshot(head), ignore=["_extra_state"])
+    assert head.schedule.steps == 2  # a step for the refresh schedule, and nothing else
+
+
+@pytest.mark.parametrize("options", [dict(), dict(center=True), dict(refresh="iterative"), dict(calls_per_update="auto")])
+@pytest.mark.parametrize("sync_dist", [False, True])
+def test_no_collective_without_sync_dist(monkeypatch, options, sync_dist):
+    """A rank-local head must not call into torch.distributed at all (a collective would hang)."""
+    calls = []
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    for name in ("all_reduce", "broadcast", "all_gather", "barrier", "all_gather_into_tensor"):
+        monkeypatch.setattr(dist, name, lambda *args, _name=name, **kwargs: calls.append(_name))
+    head = DirectPredHead(DIM, sync_dist=sync_dist, **options)
+    for step, z in enumerate(make_batches(4, dim=DIM)):
+        out = call(head, z)
+        out.sum().backward()
+    head.refresh()
+    assert bool(calls) == sync_dist

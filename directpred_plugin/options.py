@@ -1,0 +1,194 @@
+"""Every option the head, its refresh strategies and the adapters take, validated in one place.
+
+:func:`head_options` checks each :class:`~directpred_plugin.DirectPredHead` option on its
+own and against the others (an option that means nothing for the chosen variant is
+refused, not ignored) and returns them as one frozen :class:`HeadOptions`. The ``check_*``
+helpers are the single source of the messages: ``"<name> must be <what>, got <value>"``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from .rules import VARIANTS, RuleOptions
+
+__all__ = [
+    "AUTO",
+    "HeadOptions",
+    "head_options",
+    "iterative_form",
+    "check_int",
+    "check_real",
+    "check_bool",
+    "check_choice",
+]
+
+#: ``calls_per_update`` value that pools the calls between two backward passes.
+AUTO = "auto"
+STATS_DTYPES = (torch.float32, torch.float64)
+#: Names of the refresh strategies (the classes live in :mod:`directpred_plugin.refresh`).
+REFRESH_CHOICES = ("auto", "exact", "iterative")
+#: Spectral powers the iterative refresh evaluates with matrix products (sqrt and identity).
+ITERATIVE_POWERS = (0.5, 1.0)
+
+
+def check_int(name: str, value: Any, *, minimum: int, also: str = "") -> int:
+    """``value`` as an ``int`` (NumPy integers included) if it is one and ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' ' + also if also else ''}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value: Any, lower: float, upper: float, *,
+               lower_open: bool = False, upper_open: bool = False) -> float:
+    """``value`` as a ``float`` (NumPy scalars included) if it is a finite number in the interval."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lower if lower_open else value >= lower) and (value < upper if upper_open else value <= upper)
+    if not ok:
+        interval = f"{'(' if lower_open else '['}{lower:g}, {upper:g}{')' if upper_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if not any(value == choice and type(value) is type(choice) for choice in choices):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def iterative_form(variant: str, options: RuleOptions) -> bool:
+    """Whether the iterative refresh can evaluate ``variant`` with ``options`` (else it is exact)."""
+    return VARIANTS[variant].power(options) in ITERATIVE_POWERS
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The validated options of one :class:`~directpred_plugin.DirectPredHead`."""
+
+    dim: int
+    rho: float
+    eps: float
+    freq: int
+    variant: str
+    trainable: bool
+    center: bool
+    calls_per_update: Optional[int]
+    """Calls per pool, or None for ``"auto"``."""
+    stats_dtype: torch.dtype
+    sync_dist: bool
+    process_group: Optional[Any]
+    refresh: str
+    refresh_options: Mapping[str, Any] = field(default_factory=dict)
+    rule: RuleOptions = RuleOptions()
+    ridge: float = 0.0
+    weight_momentum: float = 0.0
+
+    @property
+    def auto_steps(self) -> bool:
+        """Steps end at backward passes (``calls_per_update="auto"``)."""
+        return self.calls_per_update is None
+
+
+def head_options(
+    dim: Any,
+    *,
+    rho: Any,
+    eps: Any,
+    freq: Any,
+    variant: Any,
+    trainable: Any,
+    center: Any,
+    calls_per_update: Any,
+    stats_dtype: Any,
+    sync_dist: Any,
+    process_group: Any,
+    refresh: Any,
+    refresh_options: Any,
+    alpha: Any,
+    eps_inside: Any,
+    ridge: Any,
+    weight_momentum: Any,
+) -> HeadOptions:
+    """Validate the options of a head, alone and together; ValueError naming what was expected."""
+    dim = check_int("dim", dim, minimum=1)
+    freq = check_int("freq", freq, minimum=1)
+    cpu = None if calls_per_update == AUTO else check_int("calls_per_update", calls_per_update, minimum=1,
+                                                            also=f"or {AUTO!r}")
+    rho = check_real("rho", rho, 0.0, 1.0, upper_open=True)
+    eps = check_real("eps", eps, 0.0, math.inf)
+    ridge = check_real("ridge", ridge, 0.0, math.inf)
+    weight_momentum = check_real("weight_momentum", weight_momentum, 0.0, 1.0, upper_open=True)
+    for name, value in (("trainable", trainable), ("center", center), ("sync_dist", sync_dist),
+                        ("eps_inside", eps_inside)):
+        check_bool(name, value)
+    variant = check_choice("variant", variant, sorted(VARIANTS))
+    refresh = check_choice("refresh", refresh, REFRESH_CHOICES)
+    if stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype!r}")
+    if refresh_options is None:
+        refresh_options = {}
+    if not isinstance(refresh_options, Mapping):
+        raise ValueError(f"refresh_options must be a dict of keyword options, got {refresh_options!r}")
+
+    # Options that mean nothing for this configuration are refused, not silently ignored.
+    if alpha is not None and variant != "directset":
+        raise ValueError(f"alpha is DirectSet's power: it needs variant='directset', got variant={variant!r}")
+    alpha = 0.5 if alpha is None else check_real("alpha", alpha, 0.0, math.inf, lower_open=True)
+    if eps_inside and variant not in ("directpred", "directset"):
+        raise ValueError(
+            f"eps_inside places eps inside a spectral power, which variant={variant!r} does not have; "
+            "use it with variant='directpred' or 'directset'"
+        )
+    rule = RuleOptions(eps=eps, alpha=alpha, eps_inside=eps_inside)
+    if not iterative_form(variant, rule):
+        if refresh == "iterative":
+            raise ValueError(
+                f"refresh='iterative' evaluates spectral powers 1/2 and 1 (eps outside); variant={variant!r}"
+                f"{' with alpha=%g' % alpha if variant == 'directset' else ''}"
+                f"{' and eps_inside' if eps_inside else ''} has no iterative form: use refresh='exact' or 'auto'"
+            )
+        if refresh_options:
+            raise ValueError(
+                f"refresh_options configure the iterative refresh, which variant={variant!r} does not use; "
+                f"got {dict(refresh_options)}"
+            )
+    if refresh == "exact" and refresh_options:
+        raise ValueError(f"refresh='exact' takes no refresh_options, got {dict(refresh_options)}")
+    if trainable and freq == 1:
+        raise ValueError(
+            "trainable=True lets the optimizer train W_p between refreshes, but freq=1 overwrites it at "
+            "every step: use freq > 1 (the paper's hybrid uses 5) or trainable=False"
+        )
+    if process_group is not None and not sync_dist:
+        raise ValueError("process_group is the group the statistics are summed over, but sync_dist=False sums nothing")
+    return HeadOptions(
+        dim=dim, rho=rho, eps=eps, freq=freq, variant=variant, trainable=trainable, center=center,
+        calls_per_update=cpu, stats_dtype=stats_dtype, sync_dist=sync_dist, process_group=process_group,
+        refresh=refresh, refresh_options=dict(refresh_options), rule=rule, ridge=ridge,
+        weight_momentum=weight_momentum,
+    )
+
+
+def given_options(options: HeadOptions) -> Dict[str, Any]:
+    """The keyword options that rebuild a head with ``options`` (for ``repr`` and adapters)."""
+    out: Dict[str, Any] = dict(
+        rho=options.rho, eps=options.eps, freq=options.freq, variant=options.variant,
+        trainable=options.trainable, center=options.center,
+        calls_per_update=AUTO if options.calls_per_update is None else options.calls_per_update,
+        refresh=options.refresh,
+    )
+    if options.variant == "directset":
+        out["alpha"] = options.rule.alpha
+    return out

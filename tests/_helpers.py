@@ -1,0 +1,67 @@
+"""Shared test helpers: batches, one training-mode call, state snapshots and a tiny BYOL model."""
+
+import copy
+
+import torch
+from torch import nn
+
+DIM = 8
+
+
+def make_batches(n=12, batch=32, dim=DIM, seed=0, dtype=torch.float32):
+    """``n`` correlated Gaussian batches (drawn in float64, then cast to ``dtype``)."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    return [(torch.randn(batch, dim, generator=gen, dtype=torch.float64) @ mixing).to(dtype) for _ in range(n)]
+
+
+def call(head, z):
+    """One training-mode call, as a training step makes it (the input requires grad)."""
+    return head(z.clone().requires_grad_(True))
+
+
+def snapshot(head):
+    """The head's whole saved state, copied (tensors cloned, extra state deep-copied)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in head.state_dict().items()}
+
+
+def assert_same_state(a, b, ignore=()):
+    assert set(a) - set(ignore) == set(b) - set(ignore)
+    for key in set(a) - set(ignore):
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+class TinyBYOL(nn.Module):
+    """Backbone, projector and a predictor head, called once per view as lightly does."""
+
+    def __init__(self, head, dim=DIM):
+        super().__init__()
+        self.backbone = nn.Linear(12, 16)
+        self.projector = nn.Linear(16, dim)
+        self.head = head
+
+    def embed(self, x):
+        return self.projector(torch.relu(self.backbone(x)))
+
+    def forward(self, x0, x1):
+        z0, z1 = self.embed(x0), self.embed(x1)
+        p0, p1 = self.head(z0), self.head(z1)
+        loss = -(nn.functional.cosine_similarity(p0, z1.detach()).mean()
+                 + nn.functional.cosine_similarity(p1, z0.detach()).mean()) / 2
+        return loss, p0.detach(), p1.detach()
+
+
+def views(step, device="cpu", batch=16):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(batch, 12, generator=gen).to(device) for _ in range(2)]
+
+
+def sgd_step(model, optimizer, x0, x1):
+    loss, p0, p1 = model(x0, x1)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), p0, p1
