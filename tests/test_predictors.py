@@ -134,3 +134,14 @@ def test_adapters_take_their_closed_form_defaults_from_the_factory():
     assert closed_form_options("directpred-hybrid") == {"freq": 5, "trainable": True, "variant": "directpred"}
     with pytest.raises(ValueError, match="not a closed-form predictor"):
         closed_form_options("mlp")
+
+
+def test_a_name_fixes_its_variant():
+    from directpred_plugin.predictors import closed_form_options
+
+    # the name's own variant may be repeated; another would be that variant with this name's defaults
+    assert create_predictor("ns", DIM, variant="ns").variant == "ns"
+    for build in (lambda: create_predictor("ns", DIM, variant="directpred"),
+                  lambda: closed_form_options("directpred-hybrid", variant="directcopy")):
+        with pytest.raises(ValueError, match=r"is variant '\w+', got variant='\w+'; name the member instead"):
+            build()
