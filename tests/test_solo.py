@@ -396,6 +396,17 @@ def test_register_patches_in_place_once_and_keeps_the_originals(methods):
     assert byol.__dict__["__init__"] is not patched["__init__"].__wrapped__
 
 
+@pytest.mark.parametrize("name", closed_form_predictors())
+def test_a_predictor_name_builds_the_head_create_predictor_builds(methods, name):
+    from directpred_plugin import create_predictor
+    from test_predictors import head_options
+
+    model = methods["byol"](make_cfg("byol", predictor=name))
+    assert type(model.predictor) is DirectPredHead
+    assert head_options(model.predictor) == head_options(create_predictor(name, 16))
+    assert model.predictor.calls_per_update == "auto"
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(predictor="directpred-hybrid"),
     dict(predictor="directpred", directpred={"trainable": True, "freq": 2}),
