@@ -62,6 +62,7 @@ __all__ = [
     "unregister",
     "directpred_options",
     "build_directpred",
+    "resolved_options",
     "log_to_stderr",
     "DEFAULT_CALLS_PER_UPDATE",
 ]
