@@ -11,8 +11,12 @@ the same command) imports ``solo.methods``, the finder lets the normal import ma
 find and execute it, then calls ``directpred_plugin.solo.register()`` before the import
 returns. ``method_kwargs.predictor: directpred`` then works without a launcher.
 
-Set ``DIRECTPRED_SOLO_AUTOREGISTER=0`` to turn this off (solo-learn then builds its own
-predictors whatever the config says, unless ``register()`` is called explicitly).
+Set ``DIRECTPRED_SOLO_AUTOREGISTER=0`` to turn the registration off (read when
+``solo.methods`` is imported). The finder then installs a guard instead, swapping nothing:
+solo-learn refuses a cfg whose ``method_kwargs.predictor`` asks for anything but its MLP,
+rather than silently training the MLP. An explicit ``directpred_plugin.solo.register()``
+(or the launcher, ``python -m directpred_plugin.solo SCRIPT.py``) removes the guard. The
+guard imports nothing of directpred_plugin, so it works where the plugin itself is broken.
 """
 
 import os
@@ -50,7 +54,10 @@ class _RegisteringLoader:
 
     def exec_module(self, module: "ModuleType") -> None:
         self._loader.exec_module(module)
-        _register()
+        if enabled():
+            _register()
+        else:
+            _guard()
 
     def __getattr__(self, name: str) -> "Any":
         # get_source, get_resource_reader, ...: what tools ask of the real loader
@@ -59,6 +66,9 @@ class _RegisteringLoader:
 
 class SoloMethodsFinder:
     """A ``sys.meta_path`` finder that only ever answers for ``solo.methods``.
+
+    Once it has run, ``solo.methods`` is registered (:func:`_register`) or, with the
+    registration turned off, guarded (:func:`_guard`).
 
     It asks the finders behind it for the real spec and wraps its loader, so solo-learn's
     module is found and executed exactly as without the hook.
@@ -98,8 +108,65 @@ def _register() -> None:
     log_to_stderr()
 
 
+#: Set on the guard's function, so that it is found (and removed) however it is reached.
+GUARD_MARK = "__directpred_guard__"
+_MLP_CHOICES = (None, "None", "mlp")
+
+
+def _guard() -> None:
+    from solo.methods.base import BaseMethod
+
+    install_guard(BaseMethod)
+
+
+def install_guard(base_method: "Any") -> None:
+    """Make solo-learn refuse cfgs that ask for a DirectPred predictor, swapping nothing.
+
+    Wraps ``base_method.add_and_assert_specific_cfg``, which every solo-learn method's own
+    check calls and ``BaseMethod.__init__`` runs before building any module. Idempotent.
+    """
+    current = base_method.__dict__["add_and_assert_specific_cfg"]
+    original = getattr(current, "__func__", current)
+    if getattr(original, GUARD_MARK, False):
+        return
+
+    def add_and_assert_specific_cfg(cfg: "Any") -> "Any":
+        _refuse_unregistered_predictor(cfg)
+        return original(cfg)
+
+    add_and_assert_specific_cfg.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(add_and_assert_specific_cfg, GUARD_MARK, True)
+    base_method.add_and_assert_specific_cfg = staticmethod(add_and_assert_specific_cfg)
+
+
+def remove_guard(base_method: "Any") -> None:
+    """Undo :func:`install_guard` (``register()`` calls this); nothing happens without a guard."""
+    current = base_method.__dict__.get("add_and_assert_specific_cfg")
+    function = getattr(current, "__func__", None)
+    if function is not None and getattr(function, GUARD_MARK, False):
+        base_method.add_and_assert_specific_cfg = staticmethod(function.__wrapped__)
+
+
+def _refuse_unregistered_predictor(cfg: "Any") -> None:
+    from omegaconf import OmegaConf
+
+    choice = OmegaConf.select(cfg, "method_kwargs.predictor", default=None)
+    if choice in _MLP_CHOICES:
+        return
+    raise ValueError(
+        f"method_kwargs.predictor is {choice!r}, but directpred-plugin is not registered with solo-learn "
+        f"({OPT_OUT_ENV}={os.environ.get(OPT_OUT_ENV, '')!r} turned its start-up hook off), so solo-learn "
+        f"would silently train its own MLP predictor. Either unset {OPT_OUT_ENV} (or set it to 1), or call "
+        "directpred_plugin.solo.register() before building the model (for a script: "
+        "python -m directpred_plugin.solo SCRIPT.py ...)."
+    )
+
+
 def install() -> None:
-    """Put :class:`SoloMethodsFinder` first on ``sys.meta_path`` (once), unless opted out."""
-    if not enabled() or any(isinstance(f, SoloMethodsFinder) for f in sys.meta_path):
+    """Put :class:`SoloMethodsFinder` first on ``sys.meta_path`` (once).
+
+    Installed also when opted out: importing ``solo.methods`` then installs the guard.
+    """
+    if any(isinstance(f, SoloMethodsFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, SoloMethodsFinder())

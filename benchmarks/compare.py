@@ -43,7 +43,7 @@ import torch
 
 from .config import CompareConfig
 from .frameworks import FRAMEWORKS
-from .predictors import PREDICTORS, parse_predictor_spec, predictor_spec
+from .predictors import PREDICTOR_SPECS, parse_predictor_spec, predictor_spec
 from .report import SCHEMA, machine_description, markdown_table, summarize, write_outputs
 from .training import Job, load_data, run_job
 
@@ -183,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which SSL framework builds the model (solo: solo-learn's BYOL, installed from "
                              "source, see integrations/solo_learn/README.md)")
     parser.add_argument("--predictors", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
-                        help=f"any of {', '.join(PREDICTORS)}, each optionally with options, e.g. "
+                        help=f"any of {', '.join(PREDICTOR_SPECS)}, each optionally with options, e.g. "
                              f"directpred:eps=0.1,freq=5 (default: all that --framework builds; solo: "
                              f"{', '.join(FRAMEWORKS['solo'].predictors)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 from torch import nn
 
 from .methods import LightlyBYOL, LightlySimSiam, MethodConfig
-from .predictors import PREDICTORS
+from .predictors import PREDICTOR_SPECS
 from .solo_byol import SOLO_BACKBONES, SoloBYOL, require_solo
 
 
@@ -18,7 +18,7 @@ DEFAULT_PREDICTORS = ("mlp", "linear", "directpred", "directpred-hybrid", "direc
 
 
 def _solo_expressible(name: str) -> bool:
-    return PREDICTORS[name].solo_kwargs is not None
+    return PREDICTOR_SPECS[name].solo_kwargs is not None
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Framework:
 
     #: ``--method`` name -> builder of a model with the interface above.
     methods: Dict[str, Callable[[MethodConfig], nn.Module]]
-    #: Whether it can build the :data:`~.predictors.PREDICTORS` name.
+    #: Whether it can build the :data:`~.predictors.PREDICTOR_SPECS` name.
     expresses: Callable[[str], bool] = lambda name: True
     #: The ``--backbone`` names it can build, the first being its default where the dataset's
     #: default is not among them; None: every name ``backbones.build_backbone`` knows.
@@ -37,7 +37,7 @@ class Framework:
 
     @property
     def predictors(self) -> Tuple[str, ...]:
-        return tuple(name for name in PREDICTORS if self.expresses(name))
+        return tuple(name for name in PREDICTOR_SPECS if self.expresses(name))
 
     @property
     def default_predictors(self) -> Tuple[str, ...]:

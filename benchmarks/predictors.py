@@ -10,6 +10,7 @@ registering a predictor there makes it available here.
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -55,8 +56,11 @@ def _build(name: str) -> Callable[..., nn.Module]:
 
 def _solo_directpred(name: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     def solo_kwargs(options: Dict[str, Any]) -> Dict[str, Any]:
-        # solo-learn: the plugin pools the views of a training step the same way by default.
-        return {"predictor": "directpred", "directpred": closed_form_options(name, **options)}
+        # The same name in solo-learn's config, with only the options the spec gives: the
+        # adapter applies the name's defaults as create_predictor does, and pools the views of
+        # a training step ("auto") as _build does here.
+        closed_form_options(name, **options)  # a variant that contradicts the name fails here
+        return {"predictor": name, "directpred": dict(options)}
 
     return solo_kwargs
 
@@ -77,7 +81,16 @@ def _spec(name: str) -> PredictorSpec:
 #: Predictor name -> how the benchmarks build it: a view of the package's one registry
 #: (:data:`directpred_plugin.PREDICTORS`), where ``mlp`` means the method's own MLP.
 #: ``--predictors`` accepts every name here.
-PREDICTORS: Dict[str, PredictorSpec] = {name: _spec(name) for name in PACKAGE_PREDICTORS if name != "simsiam-mlp"}
+PREDICTOR_SPECS: Dict[str, PredictorSpec] = {
+    name: _spec(name) for name in PACKAGE_PREDICTORS if name != "simsiam-mlp"
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PREDICTORS":  # the old name, which the package's registry also has
+        warnings.warn("benchmarks.predictors.PREDICTORS is now PREDICTOR_SPECS", DeprecationWarning, stacklevel=2)
+        return PREDICTOR_SPECS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_option_value(key: str, text: str) -> Any:
@@ -108,9 +121,9 @@ def parse_predictor_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
 def predictor_spec(spec: str) -> PredictorSpec:
     """The registry entry of ``name[:options]``; ValueError naming the registered names."""
     name, _ = parse_predictor_spec(spec)
-    if name not in PREDICTORS:
-        raise ValueError(f"unknown predictor {name!r} (in {spec!r}); expected one of {list(PREDICTORS)}")
-    return PREDICTORS[name]
+    if name not in PREDICTOR_SPECS:
+        raise ValueError(f"unknown predictor {name!r} (in {spec!r}); expected one of {list(PREDICTOR_SPECS)}")
+    return PREDICTOR_SPECS[name]
 
 
 def build_predictor(spec: str, dim: int, hidden: int, method: str = "byol", **options: Any) -> nn.Module:

@@ -3,8 +3,10 @@
 The model is solo-learn's own ``BYOL`` LightningModule, taken from ``solo.methods.METHODS``
 after :func:`directpred_plugin.solo.register`, with a cfg built the way solo-learn's method
 tests build one. The predictor is picked the way a solo-learn user picks it, by
-``method_kwargs.predictor`` (``mlp``: solo-learn's own MLP; ``directpred``: the plugin's
-head, options under ``method_kwargs.directpred``), from :attr:`~.predictors.PredictorSpec.solo_kwargs`.
+``method_kwargs.predictor`` (``mlp``: solo-learn's own MLP; a closed-form name such as
+``directpred`` or ``directpred-hybrid``: the plugin's head, built by the package's
+``create_predictor`` from the same name, the spec's options under
+``method_kwargs.directpred``), from :attr:`~.predictors.PredictorSpec.solo_kwargs`.
 solo-learn's config has no linear or identity predictor, so ``linear`` and ``none`` are
 refused rather than patched in behind solo-learn's back.
 
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .methods import MethodConfig
-from .predictors import PREDICTORS, solo_method_kwargs
+from .predictors import PREDICTOR_SPECS, solo_method_kwargs
 
 #: compare ``--backbone`` name -> (solo-learn ``backbone.name``, use its CIFAR stem).
 SOLO_BACKBONES: Dict[str, Tuple[str, bool]] = {
@@ -64,7 +66,7 @@ def solo_config(cfg: MethodConfig) -> Any:
 
     solo_kwargs = solo_method_kwargs(cfg.predictor)
     if solo_kwargs is None:
-        supported = [name for name, spec in PREDICTORS.items() if spec.solo_kwargs is not None]
+        supported = [name for name, spec in PREDICTOR_SPECS.items() if spec.solo_kwargs is not None]
         raise ValueError(f"solo-learn cannot build predictor {cfg.predictor!r}; it supports {supported}")
     if cfg.backbone not in SOLO_BACKBONES:
         raise ValueError(f"solo-learn builds --backbone {' or '.join(SOLO_BACKBONES)}, got {cfg.backbone!r}")

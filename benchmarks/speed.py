@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from directpred_plugin import VARIANTS, DirectPredHead, create_predictor
+from directpred_plugin.predictors import closed_form_predictors
 
 from .predictors import parse_predictor_spec
 from .threads import torch_threads
@@ -45,7 +46,7 @@ def simsiam_mlp(dim: int) -> nn.Module:
 
 def floor_head(dim: int) -> nn.Module:
     """The head's unavoidable cost: statistics, output and backward, no refresh in the run."""
-    return DirectPredHead(dim, freq=2**62)
+    return create_predictor("directpred", dim, freq=2**62)
 
 
 BASELINES: Dict[str, Callable[[int], nn.Module]] = {
@@ -76,17 +77,18 @@ def _imported_class(spec: str) -> Optional[Callable[..., nn.Module]]:
     return cls
 
 
-def parse_head_spec(spec: str) -> Dict[str, object]:
-    """``"directpred"``, ``"directcopy:freq=5"``, ``"directpred:eps=0.05,refresh=exact"`` -> head kwargs.
+def parse_head_spec(spec: str) -> Tuple[str, Dict[str, object]]:
+    """``"directcopy:freq=5"`` -> ``("directcopy", {"freq": 5})``: a closed-form name and its options.
 
     The same ``name:key=value,...`` syntax as ``compare --predictors`` (values are Python
-    literals or bare words), the name being the head's variant.
+    literals or bare words), the name one of the package registry's closed-form predictors,
+    built by :func:`directpred_plugin.create_predictor` with that name's defaults.
     """
-    variant, options = parse_predictor_spec(spec)
-    if variant not in VARIANTS:
-        raise ValueError(f"--predictors {spec!r}: expected {', '.join(BASELINES)} or a head variant "
-                         f"({', '.join(VARIANTS)}) with options, e.g. directpred:eps=0.05,freq=5")
-    return {"variant": variant, **options}
+    name, options = parse_predictor_spec(spec)
+    if name not in closed_form_predictors():
+        raise ValueError(f"--predictors {spec!r}: expected {', '.join(BASELINES)} or a closed-form predictor "
+                         f"({', '.join(closed_form_predictors())}) with options, e.g. directpred:eps=0.05,freq=5")
+    return name, options
 
 
 @dataclass
@@ -111,7 +113,9 @@ def _build(name: str, dim: int, device: torch.device) -> nn.Module:
     elif imported is not None:
         module = imported(dim, **parse_predictor_spec(name)[1])
     else:
-        module = DirectPredHead(dim, **parse_head_spec(name))  # type: ignore[arg-type]
+        head_name, options = parse_head_spec(name)
+        # the registry's defaults and calls_per_update: each timed call ends with its own backward
+        module = create_predictor(head_name, dim, **options)
     return module.to(device).train()
 
 
@@ -259,7 +263,8 @@ DEFAULT_PREDICTORS = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048], help="predictor widths")
     parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
-                        help="byol-mlp, simsiam-mlp, floor, head specs variant:key=value,... with Python-literal "
+                        help="byol-mlp, simsiam-mlp, floor, closed-form predictors name:key=value,... (the names of "
+                             "directpred_plugin.create_predictor, with their defaults) with Python-literal "
                              "values, e.g. 'directpred:eps=0.05,freq=5,refresh=iterative', or any nn.Module class "
                              "by import path, built as Class(dim, **options): 'package.module.Class:key=value'")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per call")

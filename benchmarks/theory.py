@@ -140,7 +140,8 @@ class DirectPredSqrtPredictor(DirectPredPredictor):
     rescale = True
 
 
-PREDICTORS: Dict[str, Callable[..., Any]] = {
+#: The predictors of the linear-network simulation (not modules of the package: batched over runs).
+SIMULATED_PREDICTORS: Dict[str, Callable[..., Any]] = {
     "identity": IdentityPredictor,
     "gradient": GradientPredictor,
     "gradient-symmetric": SymmetricGradientPredictor,
@@ -187,8 +188,8 @@ def simulate(setting: LinearSetting, predictor: str, *, stop_gradient: bool = Tr
     Returns per-run curves of ``||W||_F`` and of the eigenspace alignment of ``W_p`` with the
     correlation ``F = (1 + sigma^2) W W^T`` of the predictor's input, plus final summaries.
     """
-    if predictor not in PREDICTORS:
-        raise ValueError(f"predictor must be one of {sorted(PREDICTORS)}, got {predictor!r}")
+    if predictor not in SIMULATED_PREDICTORS:
+        raise ValueError(f"predictor must be one of {sorted(SIMULATED_PREDICTORS)}, got {predictor!r}")
     n = setting.dim
     if weight_decay is None:
         weight_decay = [setting.weight_decay] * setting.runs
@@ -201,7 +202,7 @@ def simulate(setting: LinearSetting, predictor: str, *, stop_gradient: bool = Tr
 
     W = (torch.randn(runs, n, n, generator=generator) * setting.init_scale / math.sqrt(n)).requires_grad_(True)
     W_target = W.detach().clone()
-    head = PREDICTORS[predictor](runs, n, setting, generator)
+    head = SIMULATED_PREDICTORS[predictor](runs, n, setting, generator)
     params = [W] + head.parameters()
     curves: Dict[str, List[Any]] = {"step": [], "norm": [], "alignment": []}
 

@@ -20,6 +20,15 @@ def symmetric_psd_sqrt(weight: Tensor) -> Tensor:
     return (eigvecs * eigvals.clamp_min(0).sqrt()) @ eigvecs.mT
 
 
+def _refuse_trained_weight(weight: Tensor) -> None:
+    if weight.requires_grad:
+        raise ValueError(
+            "IsoLoss needs a head whose weight is not trained (DirectPredHead with trainable=False, or "
+            "a weight with requires_grad=False): IsoLoss hands the loss's gradient to z directly, so "
+            "W_p would get no gradient and would never be trained"
+        )
+
+
 class IsoLoss(nn.Module):
     """Isotropic loss (IsoLoss) for a closed-form linear predictor.
 
@@ -56,7 +65,8 @@ class IsoLoss(nn.Module):
 
     Args:
         head: The predictor; any module with a square ``.weight`` that maps ``z`` to
-            ``p`` (e.g. :class:`directpred_plugin.DirectPredHead`).
+            ``p`` (e.g. :class:`directpred_plugin.DirectPredHead`). The weight must not
+            require grad (``trainable=False``): IsoLoss gives it no gradient.
         form: ``"cosine"`` or ``"l2"``.
 
     Example (lightly BYOL, replacing ``criterion = NegativeCosineSimilarity()``):
@@ -76,6 +86,7 @@ class IsoLoss(nn.Module):
         if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
             raise ValueError(f"head must have a square .weight matrix, got {shape}")
+        _refuse_trained_weight(weight)
         self.head = head
         self.form = form
 
@@ -104,6 +115,8 @@ class IsoLoss(nn.Module):
     def _weight(self) -> Tensor:
         weight = self.head.weight
         assert isinstance(weight, Tensor)  # checked in __init__
+        # again here: requires_grad can be switched on after construction (head.requires_grad_())
+        _refuse_trained_weight(weight)
         return weight
 
     def _cosine(self, z: Tensor, p: Tensor, z_target: Tensor) -> Tensor:

@@ -75,6 +75,9 @@ def create_predictor(name: str, dim: int, *, hidden_dim: Optional[int] = None, *
         entry = PREDICTORS[name]
     except KeyError:
         raise ValueError(f"unknown predictor {name!r}; registered predictors: {sorted(PREDICTORS)}") from None
+    if entry.closed_form:
+        _check_variant(name, options)
+        options = {key: value for key, value in options.items() if key != "variant"}
     return entry.build(dim, hidden_dim, **{**entry.defaults, **options})
 
 
@@ -87,9 +90,19 @@ def closed_form_options(name: str, **options: Any) -> Dict[str, Any]:
     entry = PREDICTORS.get(name)
     if entry is None or not entry.closed_form:
         raise ValueError(f"{name!r} is not a closed-form predictor; closed-form predictors: {closed_form_predictors()}")
-    merged = {**entry.defaults, **options}
-    merged.setdefault("variant", _VARIANT_OF.get(name, name))
-    return merged
+    _check_variant(name, options)
+    return {**entry.defaults, **options, "variant": _VARIANT_OF.get(name, name)}
+
+
+def _check_variant(name: str, options: Mapping[str, Any]) -> None:
+    # The name picks the variant and its defaults; another variant under this name would be
+    # that variant with this name's defaults, a module no name stands for.
+    variant = _VARIANT_OF.get(name, name)
+    if "variant" in options and options["variant"] != variant:
+        raise ValueError(
+            f"predictor {name!r} is variant {variant!r}, got variant={options['variant']!r}; "
+            f"name the member instead (one of {closed_form_predictors()})"
+        )
 
 
 def closed_form_predictors() -> List[str]:

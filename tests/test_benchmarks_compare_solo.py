@@ -134,7 +134,10 @@ def test_the_predictor_comes_from_solos_config_key(solo_methods):
     for name in SOLO_PREDICTORS:
         model = build(name)
         assert isinstance(model.solo, solo_methods["byol"]) and isinstance(model.solo, solo.methods.BYOL)
-        assert model.solo.cfg.method_kwargs.predictor == solo_method_kwargs(name)["predictor"]
+        # the same name in solo-learn's config, and only the options the spec gives
+        assert model.solo.cfg.method_kwargs.predictor == solo_method_kwargs(name)["predictor"] == name
+        if name != "mlp":
+            assert dict(model.solo.cfg.method_kwargs.directpred) == {"calls_per_update": "auto"}
         heads[name] = model.predictor
     assert isinstance(heads["mlp"], torch.nn.Sequential)  # solo-learn's own predictor
     for name in ("directpred", "directpred-hybrid", "directcopy"):

@@ -83,8 +83,8 @@ def test_isotropic_versus_standard_gradient():
     assert not torch.allclose(standard, iso, atol=1e-4)
 
 
-def test_works_with_any_module_with_a_square_weight():
-    linear = nn.Linear(DIM, DIM, bias=False)
+def test_works_with_any_module_with_a_square_frozen_weight():
+    linear = nn.Linear(DIM, DIM, bias=False).requires_grad_(False)
     with torch.no_grad():
         a = torch.randn(DIM, DIM)
         linear.weight.copy_(a @ a.T / DIM)
@@ -95,6 +95,30 @@ def test_works_with_any_module_with_a_square_weight():
     NegativeCosineSimilarity()(p_leaf, z_target.detach()).backward()
     torch.testing.assert_close(z.grad, p_leaf.grad, rtol=1e-4, atol=1e-7)
     assert linear.weight.grad is None  # W_p's root is a statistic: no gradient into the head
+
+
+TRAINED_WEIGHT = r"IsoLoss needs a head whose weight is not trained.*W_p would get no gradient"
+
+
+@pytest.mark.parametrize("make_head", [
+    lambda: DirectPredHead(DIM, trainable=True, freq=2),  # the paper's hybrid
+    lambda: nn.Linear(DIM, DIM, bias=False),
+], ids=["trainable-directpred", "linear"])
+def test_a_head_whose_weight_is_trained_is_refused(make_head):
+    with pytest.raises(ValueError, match=TRAINED_WEIGHT):
+        IsoLoss(make_head())
+
+
+@pytest.mark.parametrize("form", ["cosine", "l2"])
+def test_a_weight_made_trainable_after_construction_is_refused_at_the_call(form):
+    head = DirectPredHead(DIM)
+    loss = IsoLoss(head, form=form)
+    z, z_target = batch(seed=7)
+    p = head(z)
+    loss(z, p, z_target)  # fine while W_p is a statistic
+    head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=TRAINED_WEIGHT):
+        loss(z, p, z_target)
 
 
 def test_half_precision_inputs_and_weight():

@@ -124,13 +124,77 @@ def test_adapters_take_their_closed_form_defaults_from_the_factory():
 
     from directpred_plugin.lightly import replace_prediction_heads
     from directpred_plugin.predictors import closed_form_options
-    from directpred_plugin.solo import directpred_options
+    from directpred_plugin.solo import build_directpred
 
     (replaced,) = replace_prediction_heads(nn.Sequential(BYOLPredictionHead(DIM, 16, DIM)), predictor="ns", ridge=0.1)
     assert (replaced.new.variant, replaced.new.rho, replaced.new.eps, replaced.new.ridge) == ("ns", 0.0, 0.0, 0.1)
-    solo = directpred_options({"variant": "ns", "weight_momentum": 0.5})
-    assert (solo["rho"], solo["eps"], solo["weight_momentum"]) == (0.0, 0.0, 0.5)
-    assert directpred_options({})["rho"] == 0.3
+    solo = build_directpred(DIM, {"variant": "ns", "weight_momentum": 0.5}, calls_per_step=1)
+    assert (solo.variant, solo.rho, solo.eps, solo.weight_momentum) == ("ns", 0.0, 0.0, 0.5)
+    assert build_directpred(DIM, {}, calls_per_step=1).rho == 0.3
     assert closed_form_options("directpred-hybrid") == {"freq": 5, "trainable": True, "variant": "directpred"}
     with pytest.raises(ValueError, match="not a closed-form predictor"):
         closed_form_options("mlp")
+
+
+def test_a_name_fixes_its_variant():
+    from directpred_plugin.predictors import closed_form_options
+
+    # the name's own variant may be repeated; another would be that variant with this name's defaults
+    assert create_predictor("ns", DIM, variant="ns").variant == "ns"
+    for build in (lambda: create_predictor("ns", DIM, variant="directpred"),
+                  lambda: closed_form_options("directpred-hybrid", variant="directcopy")):
+        with pytest.raises(ValueError, match=r"is variant '\w+', got variant='\w+'; name the member instead"):
+            build()
+
+
+# ------------------------------------------------------------ one name, one module everywhere
+def head_options(head):
+    """The options a head was built with, wherever the head keeps them."""
+    names = ("variant", "rho", "eps", "freq", "trainable", "center", "stats_dtype", "sync_dist", "refresh_strategy",
+             "refresh_options", "alpha", "eps_inside", "ridge", "weight_momentum")
+    found = {}
+    for name in names:
+        for source in (head, getattr(head, "options", None), getattr(head, "rule_options", None)):
+            if source is not None and hasattr(source, name):
+                found[name] = getattr(source, name)
+                break
+    assert {"variant", "rho", "eps", "freq", "trainable", "alpha", "ridge"} <= set(found)  # not vacuous
+    return found
+
+
+def builders():
+    """Every entry point that builds a predictor by name -> (build(name, dim), its calls_per_update)."""
+    pytest.importorskip("lightly")
+    from directpred_plugin.benchmarks import predictors as bench, speed
+    from directpred_plugin.solo import build_directpred
+
+    return {
+        "create_predictor": (lambda name: create_predictor(name, DIM), 1),
+        "compare": (lambda name: bench.build_predictor(name, DIM, 16), "auto"),
+        "speed": (lambda name: speed._build(name, DIM, torch.device("cpu")), 1),
+        # the adapter's option resolution, as for `method_kwargs.predictor: <name>` without options
+        "solo": (lambda name: build_directpred(DIM, {}, calls_per_step=2, predictor=name), "auto"),
+    }
+
+
+@pytest.mark.parametrize("name", closed_form_predictors())
+def test_a_closed_form_name_builds_the_same_head_through_every_entry_point(name):
+    from directpred_plugin.predictors import closed_form_options
+
+    heads = {where: build(name) for where, (build, _) in builders().items()}
+    reference = head_options(heads["create_predictor"])
+    expected = closed_form_options(name)
+    assert all(reference[key] == value for key, value in expected.items())  # the registry's defaults
+    for where, head in heads.items():
+        assert type(head) is DirectPredHead, where
+        assert head_options(head) == reference, where
+        assert head.calls_per_update == builders()[where][1], where
+
+
+def test_the_benchmarks_solo_config_names_the_same_predictor_with_the_given_options():
+    pytest.importorskip("lightly")
+    from directpred_plugin.benchmarks.predictors import solo_method_kwargs
+
+    assert solo_method_kwargs("ns:freq=3") == {"predictor": "ns", "directpred": {"freq": 3}}
+    assert solo_method_kwargs("directpred-hybrid") == {"predictor": "directpred-hybrid", "directpred": {}}
+    assert solo_method_kwargs("mlp") == {"predictor": "mlp"}

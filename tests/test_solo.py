@@ -9,6 +9,7 @@ test_solo_autoregister.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -21,15 +22,17 @@ import pytest
 import torch
 import yaml
 
+import directpred_plugin.solo as adapter
 from directpred_plugin import DirectPredHead
+from directpred_plugin.predictors import closed_form_options, closed_form_predictors
 from directpred_plugin.solo import (
-    DIRECTPRED_OPTIONS,
     ISOLOSS_METHODS,
     METHOD_PREDICTORS,
-    PREDICTORS,
     build_directpred,
     directpred_options,
+    predictor_choices,
     register,
+    unregister,
 )
 from directpred_plugin.solo.launcher import SCRIPT_ENV, UsageError, main, resolve_script
 from _directpred_solo_autoregister import OPT_OUT_ENV
@@ -45,14 +48,15 @@ BATCH = 4
 
 
 # ---------------------------------------------------------------- without solo-learn
-def test_directpred_options_default_to_the_head_defaults():
+def test_directpred_options_are_the_given_ones_and_the_head_applies_the_defaults():
     options = directpred_options({})
-    assert set(options) == set(DIRECTPRED_OPTIONS)
+    assert options == {"calls_per_update": "auto"}  # what the cfg stores: nothing filled in
     head = build_directpred(8, options, calls_per_step=3)
     reference = DirectPredHead(8)
     for name in ("rho", "eps", "freq", "variant", "trainable", "center", "sync_dist", "stats_dtype"):
         assert getattr(head, name) == getattr(reference, name), name
     assert head.calls_per_update == "auto"  # one update per training step by default
+    assert directpred_options({"freq": 3, "rho": 0.5}) == {"freq": 3, "rho": 0.5, "calls_per_update": "auto"}
     assert build_directpred(8, {"calls_per_update": 1}, calls_per_step=3).calls_per_update == 1
     # null: the calls per step that METHOD_PREDICTORS counts for the method
     assert build_directpred(8, {"calls_per_update": None}, calls_per_step=3).calls_per_update == 3
@@ -66,8 +70,10 @@ def test_directpred_options_default_to_the_head_defaults():
         ({"rh": 0.3}, r"unknown option\(s\) \['rh'\]; valid options: \['rho'"),
         ({"rho": 1.5}, r"method_kwargs.directpred: rho must be a float in \[0, 1\)"),
         ({"freq": 0}, r"method_kwargs.directpred: freq must be an integer >= 1"),
-        ({"variant": "mlp"}, r"variant must be one of \['directcopy', 'directpred', 'directset', 'ns'"),
-        ({"trainable": "yes"}, r"method_kwargs.directpred.trainable must be true or false"),
+        ({"variant": "mlp"}, r"method_kwargs.directpred: predictor 'directpred' is variant 'directpred', got "
+                             r"variant='mlp'; name the member instead \(one of \['directpred', 'directcopy'"),
+        ({"trainable": "yes"}, r"method_kwargs.directpred: trainable must be True or False"),
+        ({"refresh_options": 3}, r"method_kwargs.directpred: refresh_options must be a dict"),
         ({"stats_dtype": "float16"}, r"stats_dtype must be one of \['float32', 'float64'\]"),
         ({"calls_per_update": 0}, r"calls_per_update must be an integer >= 1"),
     ],
@@ -77,10 +83,52 @@ def test_bad_directpred_options_are_named(options, message):
         directpred_options(options)
 
 
-def test_registries_cover_the_predictor_choices():
-    assert PREDICTORS["mlp"] is None  # solo-learn's own predictor
-    assert set(PREDICTORS) == {"mlp", "directpred"}
+def test_predictor_choices_are_mlp_and_the_registrys_closed_form_names():
+    choices = predictor_choices()
+    assert choices.pop("mlp") is None  # solo-learn's own predictor
+    assert list(choices) == closed_form_predictors()
+    assert {"directpred", "directcopy", "ns", "directpred-hybrid"} <= set(choices)
+    for name, defaults in choices.items():
+        assert defaults == closed_form_options(name)
     assert {"byol", "simsiam", "nnbyol", "nnsiam"} <= set(METHOD_PREDICTORS)
+
+
+class _Recorder:
+    """Stands in for the package factory: records what the adapter asks it for, then builds it."""
+
+    def __init__(self, factory):
+        self.factory, self.calls = factory, []
+
+    def __call__(self, name, dim, **options):
+        self.calls.append((name, options))
+        return self.factory(name, dim, **options)
+
+
+@pytest.mark.parametrize("predictor, given, built", [
+    ("directpred", {}, ("directpred", {"calls_per_update": "auto"})),
+    ("ns", {"freq": 3}, ("ns", {"freq": 3, "calls_per_update": "auto"})),
+    ("directset", {"alpha": 0.25, "stats_dtype": "float64"},
+     ("directset", {"alpha": 0.25, "stats_dtype": torch.float64, "calls_per_update": "auto"})),
+    ("directpred-hybrid", {"variant": "directpred", "calls_per_update": 2},
+     ("directpred-hybrid", {"calls_per_update": 2})),
+    # the form configs used before every member was a choice: the member's name and defaults
+    ("directpred", {"variant": "ns", "calls_per_update": None}, ("ns", {"calls_per_update": 3})),
+])
+def test_the_head_gets_only_the_options_the_config_gives(monkeypatch, predictor, given, built):
+    recorder = _Recorder(adapter.create_predictor)
+    monkeypatch.setattr(adapter, "create_predictor", recorder)
+    head = build_directpred(8, given, calls_per_step=3, predictor=predictor)
+    assert recorder.calls[-1] == built
+    name, options = built
+    assert head.variant == closed_form_options(name)["variant"]
+
+
+def test_a_variant_that_contradicts_the_predictor_name_is_refused():
+    with pytest.raises(ValueError, match=r"method_kwargs.directpred: predictor 'ns' is variant 'ns', got "
+                                         r"variant='directpred'"):
+        directpred_options({"variant": "directpred"}, "ns")
+    with pytest.raises(ValueError, match=r"predictor 'mlp' takes no method_kwargs.directpred options"):
+        directpred_options({}, "mlp")
 
 
 def test_launcher_takes_the_script_from_the_arguments_or_the_environment(tmp_path):
@@ -236,20 +284,28 @@ def group_sizes(model):
     return [(group.get("name"), len(list(group["params"]))) for group in model.learnable_params]
 
 
-def original_class(methods, key):
-    import solo.methods
-
-    return getattr(solo.methods, methods[key].__name__)
+@contextlib.contextmanager
+def unregistered():
+    unregister()
+    try:
+        yield
+    finally:
+        register()
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_PREDICTORS) + ["vicreg"])
 def test_without_the_key_the_model_is_solo_learns_own(methods, method):
+    import solo.methods
+
     cfg_ours, cfg_solo = make_cfg(method), make_cfg(method)
     torch.manual_seed(0)
     ours = methods[method](cfg_ours)
-    torch.manual_seed(0)
-    theirs = original_class(methods, method)(cfg_solo)
-    assert type(ours) is not type(theirs) and isinstance(ours, type(theirs))
+    with unregistered():
+        torch.manual_seed(0)
+        theirs = methods[method](cfg_solo)
+        assert methods[method].__init__.__module__.startswith("solo.methods")  # solo-learn's own code
+    # patched in place: METHODS still holds solo-learn's own classes
+    assert type(ours) is type(theirs) is getattr(solo.methods, type(ours).__name__)
     assert cfg_ours == cfg_solo and "predictor" not in cfg_ours.method_kwargs
     mine, ref = ours.state_dict(), theirs.state_dict()
     assert list(mine) == list(ref)
@@ -264,7 +320,8 @@ def test_without_the_key_the_model_is_solo_learns_own(methods, method):
 
 
 def test_choices_are_checked_when_solo_checks_the_cfg(methods):
-    with pytest.raises(ValueError, match=r"method_kwargs.predictor must be one of \['directpred', 'mlp'\], got 'direct'"):
+    with pytest.raises(ValueError, match=r"method_kwargs.predictor must be one of \['directcopy', 'directpred', "
+                                         r"'directpred-hybrid', .*'mlp', .*\], got 'direct'"):
         methods["byol"](make_cfg("byol", predictor="direct"))
     with pytest.raises(ValueError, match=r"method 'vicreg' has no predictor.*methods with a predictor: \['all4one', 'byol'"):
         methods["vicreg"](make_cfg("vicreg", predictor="directpred"))
@@ -274,8 +331,101 @@ def test_choices_are_checked_when_solo_checks_the_cfg(methods):
         methods["byol"](make_cfg("byol", predictor="directpred", directpred=3))
     # solo-learn's own check on a built model's cfg accepts the filled-in options again
     model = methods["byol"](make_cfg("byol", predictor="directpred", directpred={"freq": 3}))
-    assert model.add_and_assert_specific_cfg(model.cfg).method_kwargs.directpred.freq == 3
+    assert model.add_and_assert_specific_cfg(model.cfg).method_kwargs.directpred == {"freq": 3, "calls_per_update": "auto"}
     assert model.predictor.freq == 3 and isinstance(model.predictor, DirectPredHead)
+
+
+def _build_ways(methods):
+    """Every way solo-learn code builds a BYOL: its registry, its classes, a user's subclasses."""
+    import solo.methods
+    import solo.methods.byol
+
+    class UserBYOL(solo.methods.byol.BYOL):  # inherits everything
+        pass
+
+    class UserBYOLWithInit(solo.methods.BYOL):  # its own __init__ and cfg check, calling solo's
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.user_attribute = True
+
+        @staticmethod
+        def add_and_assert_specific_cfg(cfg):
+            return super(UserBYOLWithInit, UserBYOLWithInit).add_and_assert_specific_cfg(cfg)
+
+    return {"METHODS": methods["byol"], "solo.methods.BYOL": solo.methods.BYOL,
+            "solo.methods.byol.BYOL": solo.methods.byol.BYOL, "subclass": UserBYOL,
+            "subclass-with-init": UserBYOLWithInit}
+
+
+@pytest.mark.parametrize("way", ["METHODS", "solo.methods.BYOL", "solo.methods.byol.BYOL", "subclass",
+                                 "subclass-with-init"])
+def test_every_way_of_building_a_method_honours_the_key(methods, way):
+    cls = _build_ways(methods)[way]
+    model = cls(make_cfg("byol", predictor="directcopy", directpred={"freq": 2}))
+    assert isinstance(model.predictor, DirectPredHead)
+    assert (model.predictor.variant, model.predictor.freq) == ("directcopy", 2)
+    assert model.solo_method == "byol" and model.replaced_predictors == ["predictor"]
+    assert all(group["params"] for group in model.learnable_params)  # the empty head group dropped
+    with pytest.raises(ValueError, match=r"method_kwargs.predictor must be one of .*got 'direct'"):
+        cls(make_cfg("byol", predictor="direct"))
+    with pytest.raises(ValueError, match=r"method_kwargs.loss: isoloss cannot train a trainable head"):
+        cls(make_cfg("byol", predictor="directpred-hybrid", loss="isoloss"))
+    mlp = cls(make_cfg("byol"))
+    assert isinstance(mlp.predictor, torch.nn.Sequential) and mlp.replaced_predictors == []
+
+
+def test_register_patches_in_place_once_and_keeps_the_originals(methods):
+    import solo.methods.byol
+    from solo.methods.base import BaseMethod
+
+    byol = solo.methods.byol.BYOL
+    patched = {name: byol.__dict__[name] for name in ("__init__", "training_step", "add_and_assert_specific_cfg")}
+    register()  # again: nothing changes
+    assert all(byol.__dict__[name] is value for name, value in patched.items())
+    assert methods["byol"] is byol
+    # the originals are reachable, and they are solo-learn's code
+    assert byol.__init__.__wrapped__.__module__ == "solo.methods.byol"
+    assert byol.add_and_assert_specific_cfg.__wrapped__.__qualname__ == "BYOL.add_and_assert_specific_cfg"
+    assert byol.learnable_params.fget.__wrapped__.__module__ == "solo.methods.byol"
+    # BaseMethod is registered too; its own check runs inside BYOL's and adds nothing
+    assert BaseMethod.__init__.__module__ == "directpred_plugin.solo"
+    with unregistered():
+        assert byol.__init__ is patched["__init__"].__wrapped__
+        model = byol(make_cfg("byol", predictor="directpred"))  # unregistered: solo-learn ignores the key
+        assert isinstance(model.predictor, torch.nn.Sequential)
+    assert byol.__dict__["__init__"] is not patched["__init__"].__wrapped__
+
+
+@pytest.mark.parametrize("name", closed_form_predictors())
+def test_a_predictor_name_builds_the_head_create_predictor_builds(methods, name):
+    from directpred_plugin import create_predictor
+    from test_predictors import head_options
+
+    model = methods["byol"](make_cfg("byol", predictor=name))
+    assert type(model.predictor) is DirectPredHead
+    assert head_options(model.predictor) == head_options(create_predictor(name, 16))
+    assert model.predictor.calls_per_update == "auto"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(predictor="directpred-hybrid"),
+    dict(predictor="directpred", directpred={"trainable": True, "freq": 2}),
+    dict(predictor="directpred", directpred={"variant": "directpred-hybrid"}),
+])
+def test_isoloss_with_a_trainable_head_is_refused_before_any_module_is_built(methods, kwargs):
+    cfg = make_cfg("byol", loss="isoloss", **kwargs)
+    with pytest.raises(ValueError, match=r"isoloss cannot train a trainable head .*W_p would get no gradient"):
+        methods["byol"].add_and_assert_specific_cfg(cfg)
+
+
+def test_the_cfg_stores_only_the_given_options(methods):
+    cfg = make_cfg("byol", predictor="ns", directpred={"freq": 2})
+    model = methods["byol"](cfg)
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.to_container(cfg.method_kwargs.directpred) == {"freq": 2, "calls_per_update": "auto"}
+    # the name's defaults reach the head without being written into the cfg
+    assert (model.predictor.rho, model.predictor.eps, model.predictor.freq) == (0.0, 0.0, 2)
 
 
 FIT_CASES = {
@@ -300,7 +450,7 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     model = methods[method](cfg)
     heads = {attr: getattr(model, attr) for attr in METHOD_PREDICTORS[method]}
     assert all(isinstance(head, DirectPredHead) for head in heads.values())
-    trainable = cfg.method_kwargs.directpred.trainable
+    trainable = cfg.method_kwargs.directpred.get("trainable", False)
     before = {attr: head.weight.detach().clone() for attr, head in heads.items()}
 
     trainer = fit(model, precision=precision)
@@ -402,13 +552,18 @@ def test_auto_resume_never_picks_a_checkpoint_of_another_predictor(methods, tmp_
 
 
 def test_models_pickle_for_ddp_spawn(methods):
-    model = methods["nnsiam"](make_cfg("nnsiam", predictor="directpred"))
+    model = methods["byol"](make_cfg("byol", predictor="directpred", loss="isoloss"))
     copy = pickle.loads(pickle.dumps(model))
-    assert type(copy) is methods["nnsiam"] and isinstance(copy.predictor, DirectPredHead)
-    # a fresh interpreter (as a spawned worker) finds the class without registering
-    code = "import pickle, sys; m = pickle.load(sys.stdin.buffer); print(type(m).__name__, type(m.predictor).__name__)"
-    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(model), capture_output=True, check=True)
-    assert out.stdout.decode().split() == ["NNSiam", "DirectPredHead"]
+    assert type(copy) is methods["byol"] and isinstance(copy.predictor, DirectPredHead)
+    assert copy.isoloss is not None and copy.isoloss.head is copy.predictor
+    # A fresh interpreter (as a spawned worker) with the start-up hook off: loading the model
+    # registers, so its training step still uses IsoLoss rather than solo-learn's loss.
+    code = ("import pickle, sys; m = pickle.load(sys.stdin.buffer); "
+            "print(type(m).__name__, type(m.predictor).__name__, type(m).training_step.__module__)")
+    env = {**os.environ, OPT_OUT_ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(model), capture_output=True, check=True,
+                         env=env)
+    assert out.stdout.decode().split() == ["BYOL", "DirectPredHead", "directpred_plugin.solo"]
 
 
 def _strip_directpred_lines(text):

@@ -52,10 +52,11 @@ def test_installed_hook_loads_at_start_up_and_imports_nothing_heavy():
 
 
 @pytest.mark.parametrize("value", ["0", "false", "OFF"])
-def test_environment_variable_turns_the_hook_off(value):
+def test_environment_variable_turns_the_registration_off(value):
     assert not hook.enabled({hook.OPT_OUT_ENV: value})
+    # the finder stays: importing solo.methods then installs the guard instead
     state = json.loads(fresh_python(STARTUP_STATE, opt_out=value).stdout)
-    assert state["finders"] == 0
+    assert state["finders"] == 1 and state["heavy"] == []
 
 
 def test_hook_is_on_by_default():
@@ -103,35 +104,87 @@ def test_failed_registration_fails_the_import_and_names_the_opt_out(monkeypatch)
 
 
 # ------------------------------------------------------------------- with solo-learn
-REGISTRY = """
-import json, sys
-from solo.methods import METHODS
+TESTS = Path(__file__).resolve().parent
+
+#: In a fresh interpreter: what solo.methods holds, and what building a BYOL from its class
+#: (as solo-learn's own tests do) gives for each predictor choice, before and after register().
+BUILDS = f"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {str(TESTS)!r})
+from test_solo import make_cfg
 import solo.methods
-print(json.dumps({
-    "byol": METHODS["byol"].__module__, "simsiam": METHODS["simsiam"].__module__,
-    "vicreg": METHODS["vicreg"].__module__,
-    "original_byol": METHODS["byol"] is solo.methods.BYOL,
+from solo.methods import METHODS
+from solo.methods.base import BaseMethod
+
+def build(**kwargs):
+    try:
+        return type(solo.methods.BYOL(make_cfg("byol", **kwargs)).predictor).__name__
+    except ValueError as err:
+        return "ValueError: " + str(err)
+
+state = {{
+    "same_classes": METHODS["byol"] is solo.methods.BYOL,
+    "init": solo.methods.BYOL.__init__.__module__,
+    "check": BaseMethod.add_and_assert_specific_cfg.__module__,
     "loader": type(solo.methods.__loader__).__name__,
-}))
+    "mlp": build(), "directpred": build(predictor="directpred"),
+}}
+import directpred_plugin.solo
+directpred_plugin.solo.register()
+state["after_register"] = build(predictor="directpred")
+print(json.dumps(state))
 """
 
 
 @pytest.mark.skipif(not HAS_SOLO, reason=SOLO_MISSING)
 @pytest.mark.timeout(240)
-def test_importing_solo_methods_registers_directpred():
-    result = fresh_python(REGISTRY, timeout=200)
+def test_importing_solo_methods_registers_directpred_in_place():
+    result = fresh_python(BUILDS, timeout=200)
     assert result.returncode == 0, result.stderr[-3000:]
-    registry = json.loads(result.stdout)
-    assert registry["byol"] == registry["simsiam"] == registry["vicreg"] == "directpred_plugin.solo"
-    assert not registry["original_byol"]
-    assert registry["loader"] == "_RegisteringLoader"
+    state = json.loads(result.stdout)
+    assert state["same_classes"]  # nothing swapped: solo-learn's classes, patched
+    assert state["init"] == state["check"] == "directpred_plugin.solo"
+    assert state["loader"] == "_RegisteringLoader"
+    assert (state["mlp"], state["directpred"]) == ("Sequential", "DirectPredHead")
 
 
 @pytest.mark.skipif(not HAS_SOLO, reason=SOLO_MISSING)
 @pytest.mark.timeout(240)
-def test_opted_out_solo_learn_keeps_its_own_methods():
-    result = fresh_python(REGISTRY, opt_out="0", timeout=200)
+def test_opted_out_solo_learn_refuses_a_directpred_predictor_until_registered():
+    result = fresh_python(BUILDS, opt_out="0", timeout=200)
     assert result.returncode == 0, result.stderr[-3000:]
-    registry = json.loads(result.stdout)
-    assert registry["byol"] == "solo.methods.byol" and registry["original_byol"]
-    assert registry["loader"] != "_RegisteringLoader"
+    state = json.loads(result.stdout)
+    assert state["same_classes"] and state["init"] == "solo.methods.byol"  # nothing patched but the guard
+    assert state["check"] == "_directpred_solo_autoregister"
+    assert state["mlp"] == "Sequential"  # solo-learn's own model, as without the plugin
+    # not silently the MLP: refused, naming the variable and both fixes
+    assert state["directpred"].startswith("ValueError: method_kwargs.predictor is 'directpred'")
+    for part in (f"{hook.OPT_OUT_ENV}='0'", f"unset {hook.OPT_OUT_ENV}", "directpred_plugin.solo.register()",
+                 "python -m directpred_plugin.solo"):
+        assert part in state["directpred"]
+    assert state["after_register"] == "DirectPredHead"
+
+
+def test_guard_refuses_only_non_mlp_predictors_and_comes_off_again():
+    OmegaConf = pytest.importorskip("omegaconf").OmegaConf  # solo-learn's config library
+
+    class Base:
+        @staticmethod
+        def add_and_assert_specific_cfg(cfg):
+            cfg.checked = True
+            return cfg
+
+    original = Base.__dict__["add_and_assert_specific_cfg"].__func__
+    hook.install_guard(Base)
+    hook.install_guard(Base)  # idempotent: one guard
+    assert Base.add_and_assert_specific_cfg.__wrapped__ is original
+    for predictor in (None, "mlp"):
+        cfg = OmegaConf.create({"method_kwargs": {} if predictor is None else {"predictor": predictor}})
+        assert Base.add_and_assert_specific_cfg(cfg).checked
+    with pytest.raises(ValueError, match=r"method_kwargs.predictor is 'ns', but directpred-plugin is not registered"):
+        Base.add_and_assert_specific_cfg(OmegaConf.create({"method_kwargs": {"predictor": "ns"}}))
+    hook.remove_guard(Base)
+    assert Base.__dict__["add_and_assert_specific_cfg"].__func__ is original
+    hook.remove_guard(Base)  # nothing to remove: nothing happens
+    assert Base.__dict__["add_and_assert_specific_cfg"].__func__ is original

@@ -64,8 +64,9 @@ def test_cuda_request_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_speed_options_are_python_literals(tmp_path):
-    assert speed.parse_head_spec("directpred:eps=0.05,freq=5,refresh=exact") == {
-        "variant": "directpred", "eps": 0.05, "freq": 5, "refresh": "exact"}
+    assert speed.parse_head_spec("directpred:eps=0.05,freq=5,refresh=exact") == (
+        "directpred", {"eps": 0.05, "freq": 5, "refresh": "exact"})
+    assert speed.parse_head_spec("directpred-hybrid") == ("directpred-hybrid", {})
     argv = ["speed", "--dims", "8", "--batch-size", "8", "--calls", "2", "--rounds", "1", "--no-errors",
             "--no-progress", "--predictors", "directpred:eps=0.05", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -73,7 +74,7 @@ def test_speed_options_are_python_literals(tmp_path):
     assert row["predictor"] == "directpred:eps=0.05" and row["ms_per_call"] > 0
     with pytest.raises(ValueError, match="eps='0.05x'"):
         main(["speed", "--predictors", "directpred:eps=0.05x"])
-    with pytest.raises(ValueError, match="head variant"):
+    with pytest.raises(ValueError, match=r"closed-form predictor \(directpred, directcopy, .*directpred-hybrid\)"):
         main(["speed", "--predictors", "directpredd"])
 
 
