@@ -239,7 +239,7 @@ def test_a_renamed_option_fails_its_block(tmp_path):
         ```
 
         ```bash
-        directpred-bench compare --predictor directpred
+        directpred-bench compare --frequency 2
         ```
         """))
     python, shell = list(SYBIL.parse(page))
