@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Dict, Optional, Sequence
+import re
+from typing import Any, Dict, Optional, Sequence
 
 #: Sub-command -> module providing ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS: Dict[str, str] = {
@@ -17,15 +18,36 @@ COMMANDS: Dict[str, str] = {
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Each option's default after its help; module docstrings as written.
 
-    Options whose help already states the default, flags and options defaulting to None
-    (their help says what None means) get no ``(default: ...)`` suffix.
+    Options whose help already states the default ("default: ...", "(default ...",
+    "default per ..."), flags and options defaulting to None (their help says what None
+    means) get no ``(default: ...)`` suffix. A default of 0 is shown like any other.
     """
+
+    STATES_DEFAULT = re.compile(r"\(default\b|\bdefault:|\bdefault per\b|^default\b")
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False) or isinstance(action.default, bool):
+        if self.STATES_DEFAULT.search(text) or action.default is None or isinstance(action.default, bool):
             return text
         return super()._get_help_string(action)
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar that follows the terminal's width, or 80 columns where the terminal reports none.
+
+    ``dynamic_ncols`` alone gives a bar of zero width (only the counters, clipped) in a
+    terminal that reports 0 columns (a fresh container's pty, some CI logs).
+    """
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    columns = shutil.get_terminal_size(fallback=(0, 0)).columns
+    if columns > 0:
+        kwargs.setdefault("dynamic_ncols", True)
+    else:
+        kwargs.setdefault("ncols", 80)
+    return tqdm(iterable, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

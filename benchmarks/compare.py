@@ -45,6 +45,7 @@ from .config import CompareConfig
 from .frameworks import FRAMEWORKS
 from .predictors import PREDICTOR_SPECS, parse_predictor_spec, predictor_spec
 from .report import SCHEMA, machine_description, markdown_table, summarize, write_outputs
+from .cli import progress_bar
 from .training import Job, load_data, run_job
 
 __all__ = ["CompareConfig", "SCHEMA", "compare", "add_arguments", "run"]
@@ -119,9 +120,7 @@ def _report_line(job: Job, result: Dict[str, Any]) -> str:
 
 
 def _run_jobs(cfg: CompareConfig, jobs: List[Job], record) -> None:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(jobs), desc="compare runs", position=0, disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), desc="compare runs", position=0, disable=not cfg.progress)
     try:
         if cfg.jobs <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -184,8 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "source, see integrations/solo_learn/README.md)")
     parser.add_argument("--predictors", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
                         help=f"any of {', '.join(PREDICTOR_SPECS)}, each optionally with options, e.g. "
-                             f"directpred:eps=0.1,freq=5 (default: all that --framework builds; solo: "
-                             f"{', '.join(FRAMEWORKS['solo'].predictors)})")
+                             f"directpred:eps=0.1,freq=5 (default: {', '.join(FRAMEWORKS['lightly'].default_predictors)}; "
+                             f"--framework solo: {', '.join(FRAMEWORKS['solo'].default_predictors)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="one run per predictor and seed; a seed fixes initialisation, batch order and views")
     parser.add_argument("--backbone", default=None,

@@ -41,7 +41,7 @@ def plot_accuracy(results: Dict[str, Any], path: Path) -> None:
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel("top-1 on the test images (%)")
     seeds = len(results["config"]["seeds"])
     fig.suptitle(f"{_title(results)}: marker and bar = mean ± std over {seeds} seed{'s' if seeds > 1 else ''}, "
                  "black dots = single seeds", fontsize=10)
@@ -86,7 +86,8 @@ def plot_curves(results: Dict[str, Any], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     seeds = len(results["config"]["seeds"])
     fig.suptitle(f"{_title(results)}: line = mean over {seeds} seed{'s' if seeds > 1 else ''}, "
-                 "band = min..max over seeds; collapse measures on each epoch's online projections", fontsize=10)
+                 "band = min..max over seeds; measured on each epoch's augmented training views "
+                 "(the results table: test images)", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

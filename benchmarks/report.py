@@ -134,6 +134,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "kNN top-1, linear top-1: probes (kNN and logistic regression) fit on the backbone features of the "
+        "clean training images, scored on the test images. "
         "kNN − untrained, linear − untrained: each run's accuracy minus that of the untrained backbone "
         "of the same seed (points), mean ± std over seeds. "
         f"collapse: mean std of the l2-normalised projections of the test images (isotropic maximum "
@@ -142,7 +144,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
         f"(1 = all on one line, {cfg['proj_dim']} = isotropic); it also falls when the projections collapse onto a few "
         "dimensions while still varying, which the collapse column cannot see. "
         "alignment: eigenspace alignment of the final `W_p` with the correlation of the projections of the "
-        "training images (linear predictors only). ms / step: wall time of a training step including "
+        "training images (linear predictors only). The per-epoch curves (curves.png) are measured during "
+        "training, on the online projections of the augmented training views. ms / step: wall time of a training step including "
         "augmentation. s / run: wall time of one run (training, then embedding and probes). "
         f"peak mem: {memory_kind.replace('_', ' ')}"
         + (" (cumulative over the runs of one process)" if memory_kind == "cpu_process_max_rss" else "") + ".",
@@ -150,11 +153,13 @@ def markdown_table(results: Dict[str, Any]) -> str:
         f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, torch {machine.get('torch')}, "
         f"device {machine.get('device')}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
-        + (f"; load average {machine['load_average_1_5_15min_at_start']} at start, "
-           f"{machine.get('load_average_1_5_15min_at_end')} at end"
+        + (f"; load average {machine['load_average_1_5_15min_at_start']} at start"
+           + (f", {machine['load_average_1_5_15min_at_end']} at end" if machine.get("load_average_1_5_15min_at_end")
+              else "")
            if "load_average_1_5_15min_at_start" in machine else "")
         + f"; {cfg.get('jobs', 1)} run(s) in parallel, {cfg.get('threads')} thread(s) each"
-        + f"; total {machine.get('total_seconds')} s.",
+        + (f"; total {machine['total_seconds']} s." if results.get("complete", True)
+           else f"; {machine.get('total_seconds', 0)} s so far (run incomplete)."),
     ]
     if results.get("command"):
         lines += ["", f"Command: `{results['command']}`"]

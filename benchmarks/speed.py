@@ -174,13 +174,13 @@ def measure(
     progress: bool = True,
 ) -> List[SpeedRow]:
     """Median over ``rounds`` of the mean per-call time of blocks of ``calls // rounds`` calls."""
-    from tqdm.auto import tqdm
+    from .cli import progress_bar
 
     dev = torch.device(device)
     torch.manual_seed(seed)
     rows: List[SpeedRow] = []
     per_block = max(calls // rounds, 1)
-    bar = tqdm(total=len(dims) * rounds, desc="speed (dim x round)", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(dims) * rounds, desc="speed (dim x round)", disable=not progress)
     for dim in dims:
         bar.set_postfix(dim=dim)
         modules = {name: _build(name, dim, dev) for name in predictors}
@@ -275,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-errors", dest="errors", action="store_false",
                         help="skip the untimed replay that measures each refresh against the exact rule")
-    parser.add_argument("--out", type=Path, default=None, help="folder for speed.json and speed.md")
+    parser.add_argument("--out", type=Path, default=None, help="folder for speed.json and speed.md (default: none, the table is only printed)")
 
 
 def run(args: argparse.Namespace) -> List[SpeedRow]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from directpred_plugin.functional import collapse_indicator
 
+from .cli import progress_bar
 from .config import CompareConfig
 from .evaluation import evaluate, projection_rank
 from .frameworks import FRAMEWORKS
@@ -70,7 +71,6 @@ def build_method(cfg: CompareConfig, data: Any, predictor: str, seed: int) -> nn
 def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: torch.device,
               position: int = 1) -> Dict[str, Any]:
     from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
-    from tqdm.auto import tqdm
 
     method = build_method(cfg, data, predictor, seed).to(device)
     method.train()
@@ -88,8 +88,8 @@ def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: 
     history: Dict[str, List[float]] = {"epoch": [], "loss": [], "collapse": [], "effective_rank": []}
     step = 0
     seconds = 0.0
-    bar = tqdm(range(cfg.epochs), desc=f"{predictor} seed {seed}", position=position, leave=False,
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress_bar(range(cfg.epochs), desc=f"{predictor} seed {seed}", position=position, leave=False,
+                       disable=not cfg.progress)
     for epoch in bar:
         losses, collapses, projections = [], [], []
         start = time.perf_counter()
