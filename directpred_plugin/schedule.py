@@ -77,8 +77,8 @@ class StepSchedule:
 
     def state_dict(self) -> Dict[str, Any]:
         state = {name: getattr(self, name) for name in self._STATE}
-        # A boundary only matters for an open "auto" pool: equal states save equal.
-        state["boundary"] = bool(self.boundary and self.calls and self.calls_per_update is None)
+        # A boundary matters only to an open "auto" pool or a deferred refresh: equal states save equal.
+        state["boundary"] = bool(self.boundary and (self.deferred or (self.calls and self.calls_per_update is None)))
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
