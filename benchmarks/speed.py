@@ -157,7 +157,7 @@ def refresh_errors(spec: str, dim: int, calls: Sequence[torch.Tensor], device: t
             reference = exact_weight(head.effective_corr(), head.variant, head.eps)
             error = (head.weight.detach().to(torch.float64) - reference).norm() / reference.norm()
             errors.append(float(error))
-    return errors, int(head.diagnostics()["refresh_fallbacks"])
+    return errors, int(head.diagnostics()["exact_refreshes"])
 
 
 def measure(

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointFunction
 
 from . import functional
+from .calls import CHECKPOINT_ERROR, WeightSnapshots, autocast_disabled, in_reentrant_checkpoint, inside_backward, linear
 from .options import HeadOptions, head_options
 from .refresh import Refresher
 from .schedule import CounterMirror, StepSchedule
@@ -23,7 +19,6 @@ from .statistics import RunningStats
 __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
 CallsPerUpdate = Union[int, str]
-_REENTRANT_FORWARD = CheckpointFunction.forward.__code__
 
 
 class DirectPredHead(nn.Module):
@@ -72,14 +67,8 @@ class DirectPredHead(nn.Module):
             self.register_buffer("weight", torch.eye(o.dim, dtype=o.stats_dtype))
         self.schedule = StepSchedule(o.freq, o.calls_per_update)
         self.mirror = CounterMirror()
-        self._transient()
-
-    def _transient(self) -> None:
-        """Host state that lives within a step only, never saved."""
-        self._generation = getattr(self, "_generation", 0) + 1  # bumped whenever W_p may change
-        self._snapshot: Optional[Tuple[int, Tensor]] = None  # (generation, immutable copy of W_p)
-        self._step = _StepRecord()
-        self._warned: set = getattr(self, "_warned", set())
+        self.snapshots = WeightSnapshots()  # within a step only, never saved
+        self._warned: set = set()
 
     # ------------------------------------------------------------------ forward
     def forward(self, z: Tensor) -> Tensor:
@@ -87,28 +76,28 @@ class DirectPredHead(nn.Module):
         if self.training and torch.is_grad_enabled():
             return self._training_call(z)
         if self.training:  # training mode without autograd: where reentrant checkpointing runs
-            self._step.untracked_calls += 1
-            if _in_reentrant_checkpoint():
-                raise RuntimeError(_CHECKPOINT_ERROR.format("reentrant checkpointing runs the forward under "
-                                                            "no_grad, where the head collects no statistics"))
-        return _linear(z, self.weight if self.trainable else self.weight.detach().clone())
+            self.snapshots.untracked += 1
+            if in_reentrant_checkpoint():
+                raise RuntimeError(CHECKPOINT_ERROR.format("reentrant checkpointing runs the forward under "
+                                                           "no_grad, where the head collects no statistics"))
+        return linear(z, self.weight if self.trainable else self.weight.detach().clone())
 
     @torch.compiler.disable
     def _training_call(self, z: Tensor) -> Tensor:
         """One training-mode call, eager under torch.compile: the schedule is decided on the host."""
-        if _inside_backward():  # activation checkpointing recomputes the forward
-            return _linear(z, self._weight_for_recomputation())
+        if inside_backward():  # activation checkpointing recomputes the forward
+            return linear(z, self.snapshots.for_recomputation(self.weight, self.trainable))
         self._begin_call()
-        weight = self._weight_for_call()
+        weight = self.snapshots.for_call(self.weight, self.trainable)
         if not (z.requires_grad or self.trainable) and self.options.auto_steps:
             # No backward pass can reach this call, so it is a step of its own.
             self._close(lambda: self.stats.fold_batch(z), in_step=False, empties_pool=False)
-            return _linear(z, weight)
+            return linear(z, weight)
         with torch.no_grad():
             self.stats.collect(z, opens_pool=self.schedule.calls == 0)
         if self.schedule.add_call():
             self._close(self.stats.fold, in_step=True)
-        out = _linear(z, weight)
+        out = linear(z, weight)
         for tensor in (z, out):  # whichever a backward pass reaches first ends the step
             if tensor.requires_grad:
                 tensor.register_hook(self._mark_backward)
@@ -136,7 +125,7 @@ class DirectPredHead(nn.Module):
     def _begin_call(self) -> None:
         if not self.schedule.begin_call():
             return
-        self._step = _StepRecord()  # a backward pass ran: a new step
+        self.snapshots.new_step()  # a backward pass ran: a new step
         if self.schedule.pool_ended():
             self._close(self.stats.fold, in_step=False)
         if self.schedule.take_deferred():
@@ -144,7 +133,7 @@ class DirectPredHead(nn.Module):
 
     def _close(self, fold: Any, *, in_step: bool, empties_pool: bool = True) -> None:
         """End a step: fold its statistics, then refresh on schedule."""
-        with torch.no_grad(), _autocast_disabled(self.weight.device.type):
+        with torch.no_grad(), autocast_disabled(self.weight.device.type):
             grown = self.mirror.receive()
             if grown[0] > 0:
                 self._warn_once("nonfinite", _SKIP_WARNING)
@@ -161,37 +150,14 @@ class DirectPredHead(nn.Module):
             self.mirror.send(torch.stack([self.stats.num_skipped, self.refresher.refresh_rejections]))
 
     def _refresh(self, force: bool = False) -> Tensor:
-        self._generation += 1
+        self.snapshots.changed()
         return self.refresher.refresh_(self.weight.detach(), self.stats.corr, self.stats.num_updates, force=force)
 
     @torch.no_grad()
     def refresh(self) -> bool:
         """Recompute ``W_p`` from the current estimate now; False if it was kept (reads the result)."""
-        with _autocast_disabled(self.weight.device.type):
+        with autocast_disabled(self.weight.device.type):
             return bool(self._refresh(force=True))
-
-    def _weight_for_call(self) -> Tensor:
-        step = self._step
-        if step.generation is None:
-            step.generation = self._generation
-            if self.trainable:  # the optimizer may have moved W_p since the last step
-                self._snapshot = None
-        elif step.generation != self._generation:
-            step.mixed = True
-        if self._snapshot is None or self._snapshot[0] != self._generation:
-            self._snapshot = (self._generation, self.weight.detach().clone())
-        # A trainable W_p is returned as a differentiable copy: a later in-place refresh leaves it.
-        return self.weight.clone() if self.trainable else self._snapshot[1]
-
-    def _weight_for_recomputation(self) -> Tensor:
-        step = self._step
-        if step.generation is None or step.mixed or step.untracked_calls or self._snapshot is None:
-            raise RuntimeError(_CHECKPOINT_ERROR.format(
-                "W_p changed between the calls of this step (calls_per_update updates inside the step)"
-                if step.mixed else "not every call of this step was a training-mode call with autograd on"))
-        if self.trainable:  # the values of the forward pass, the gradient to the parameter
-            return self.weight + (self._snapshot[1] - self.weight).detach()
-        return self._snapshot[1]
 
     # ------------------------------------------------------------- diagnostics
     def effective_corr(self) -> Tensor:
@@ -237,7 +203,7 @@ class DirectPredHead(nn.Module):
             self.weight.copy_(torch.eye(self.options.dim, dtype=self.weight.dtype, device=self.weight.device))
         self.schedule.reset()
         self.mirror.reset()
-        self._transient()
+        self.snapshots = WeightSnapshots()
 
     def get_extra_state(self) -> Dict[str, Any]:
         return {"schedule": self.schedule.state_dict(), "mirror": self.mirror.state_dict()}
@@ -257,18 +223,15 @@ class DirectPredHead(nn.Module):
         migrate_state_dict(self, state_dict, prefix, local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._transient()  # W_p was overwritten: snapshots of the old one are stale
+        self.snapshots = WeightSnapshots()  # W_p was overwritten: a new record, no stale copy
 
     def _apply(self, fn, recurse=True):
         weight = self.weight
         super()._apply(fn, recurse)
         if not self.trainable and self.weight.dtype != weight.dtype:  # a buffer W_p keeps stats_dtype
             self.weight = weight.to(device=self.weight.device)
-        self._snapshot = None
+        self.snapshots.drop()
         return self
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "_snapshot": None}  # pickling and deepcopy drop the copy of W_p
 
     def _check_input(self, z: Tensor) -> None:
         dim = self.options.dim
@@ -298,6 +261,12 @@ class DirectPredHead(nn.Module):
     trainable = property(lambda self: self.options.trainable)
     center = property(lambda self: self.options.center)
     stats_dtype = property(lambda self: self.options.stats_dtype)
+    sync_dist = property(lambda self: self.options.sync_dist)
+    process_group = property(lambda self: self.options.process_group)
+    alpha = property(lambda self: self.options.rule.alpha)
+    eps_inside = property(lambda self: self.options.rule.eps_inside)
+    ridge = property(lambda self: self.options.ridge)
+    weight_momentum = property(lambda self: self.options.weight_momentum)
     refresh_strategy = property(lambda self: self.options.refresh)
     calls_per_update = property(lambda self: self.options.calls_per_update or "auto")
     corr = property(lambda self: self.stats.corr)
@@ -309,46 +278,6 @@ class DirectPredHead(nn.Module):
     refresh_rejections = property(lambda self: self.refresher.refresh_rejections)
 
 
-@dataclass
-class _StepRecord:
-    """Which ``W_p`` the calls of the current step used, for checkpoint recomputation."""
-
-    generation: Optional[int] = None
-    mixed: bool = False
-    untracked_calls: int = 0
-
-
-def _linear(z: Tensor, weight: Tensor) -> Tensor:
-    with _autocast_disabled(z.device.type):
-        return F.linear(z, weight.to(z.dtype))
-
-
-def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know, so nothing to disable
-        return contextlib.nullcontext()
-
-
-def _inside_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _in_reentrant_checkpoint() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is _REENTRANT_FORWARD:
-            return True
-        frame = frame.f_back
-    return False
-
-
-_CHECKPOINT_ERROR = (
-    "DirectPredHead cannot be recomputed exactly under activation checkpointing here: {}. Use "
-    "torch.utils.checkpoint with use_reentrant=False and calls_per_update='auto' (W_p changes only "
-    "between steps), or keep the head outside the checkpointed function."
-)
 _SKIP_WARNING = (
     "DirectPredHead skipped a training step whose statistics were not representable (NaN/inf in a batch, "
     "sums that overflowed, or squares that underflowed the statistics' dtype: stats_dtype=torch.float64 "

@@ -31,8 +31,6 @@ __all__ = [
 #: ``calls_per_update`` value that pools the calls between two backward passes.
 AUTO = "auto"
 STATS_DTYPES = (torch.float32, torch.float64)
-#: Names of the refresh strategies (the classes live in :mod:`directpred_plugin.refresh`).
-REFRESH_CHOICES = ("auto", "exact", "iterative")
 #: Spectral powers the iterative refresh evaluates with matrix products (sqrt and identity).
 ITERATIVE_POWERS = (0.5, 1.0)
 
@@ -133,8 +131,10 @@ def head_options(
     for name, value in (("trainable", trainable), ("center", center), ("sync_dist", sync_dist),
                         ("eps_inside", eps_inside)):
         check_bool(name, value)
+    from .refresh import REFRESH_STRATEGIES  # the registry, so that a registered strategy is accepted
+
     variant = check_choice("variant", variant, sorted(VARIANTS))
-    refresh = check_choice("refresh", refresh, REFRESH_CHOICES)
+    refresh = check_choice("refresh", refresh, sorted(REFRESH_STRATEGIES))
     if stats_dtype not in STATS_DTYPES:
         raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype!r}")
     if refresh_options is None:
@@ -159,7 +159,7 @@ def head_options(
                 f"{' with alpha=%g' % alpha if variant == 'directset' else ''}"
                 f"{' and eps_inside' if eps_inside else ''} has no iterative form: use refresh='exact' or 'auto'"
             )
-        if refresh_options:
+        if refresh_options and refresh in ("auto", "iterative"):
             raise ValueError(
                 f"refresh_options configure the iterative refresh, which variant={variant!r} does not use; "
                 f"got {dict(refresh_options)}"
@@ -179,16 +179,3 @@ def head_options(
         refresh=refresh, refresh_options=dict(refresh_options), rule=rule, ridge=ridge,
         weight_momentum=weight_momentum,
     )
-
-
-def given_options(options: HeadOptions) -> Dict[str, Any]:
-    """The keyword options that rebuild a head with ``options`` (for ``repr`` and adapters)."""
-    out: Dict[str, Any] = dict(
-        rho=options.rho, eps=options.eps, freq=options.freq, variant=options.variant,
-        trainable=options.trainable, center=options.center,
-        calls_per_update=AUTO if options.calls_per_update is None else options.calls_per_update,
-        refresh=options.refresh,
-    )
-    if options.variant == "directset":
-        out["alpha"] = options.rule.alpha
-    return out

@@ -222,7 +222,7 @@ class AutoRefresh(nn.Module):
         self.iterative = IterativeRefresh(dim, **options)
         self.exact = self.iterative.exact
 
-    def strategy_for(self, device: torch.device) -> nn.Module:
+    def strategy_for(self, device: torch.device) -> Any:
         return self.exact if device.type == "cpu" else self.iterative
 
     def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
@@ -256,10 +256,11 @@ class Refresher(nn.Module):
 
     def __init__(self, options: HeadOptions) -> None:
         super().__init__()
-        self.variant: Variant = VARIANTS[options.variant]
+        self.variant_name = options.variant  # the name, not the Variant: modules must pickle
         self.rule = options.rule
         self.ridge = options.ridge
         self.weight_momentum = options.weight_momentum
+        self.strategy: Any  # any registered strategy: called, and asked is_exact
         try:
             self.strategy = REFRESH_STRATEGIES[options.refresh](options.dim, **options.refresh_options)
         except TypeError as err:
@@ -277,13 +278,14 @@ class Refresher(nn.Module):
         """Recompute ``weight`` in place from ``stats``; returns whether it was (0-dim bool)."""
         changed = num_updates > (0 if force else self.refreshed_at)
         normalised = normalise_statistics(stats, self.ridge)
+        variant = VARIANTS[self.variant_name]
         strategy = self.strategy
         if self.exact_next:
             self.exact_next = False
-            if not strategy.is_exact(normalised, self.variant, self.rule):
+            if not strategy.is_exact(normalised, variant, self.rule):
                 strategy = self.exact
                 self.exact_refreshes += 1
-        candidate, ok = strategy(normalised, self.variant, self.rule)
+        candidate, ok = strategy(normalised, variant, self.rule)
         candidate = candidate.to(weight.dtype)
         if self.weight_momentum:
             none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 __all__ = ["migrate_state_dict"]
@@ -32,7 +32,7 @@ _MOVED = {
 _DROPPED = ("pending_calls", "pending_closed", "num_empty")
 
 
-def migrate_state_dict(head: nn.Module, state_dict: Dict[str, Any], prefix: str, metadata: Dict[str, Any]) -> None:
+def migrate_state_dict(head: Any, state_dict: Dict[str, Any], prefix: str, metadata: Dict[str, Any]) -> None:
     """Refuse a checkpoint of another configuration; rewrite one of version 1 or 2 into version 3."""
     where = prefix[:-1] or "the head"
     for key in ("dim", "variant"):

@@ -57,28 +57,38 @@ def fold_(
     ``mu <- mu + (1 - rho) delta``, the same recurrence without its cancellation.
 
     A pool with no rows changes nothing; a pool with a non-finite entry or row count
-    changes nothing and is reported as skipped. The pool's NaN/inf are zeroed in place.
+    changes nothing and is reported as skipped, and so does one whose centred result would
+    overflow. The pool's NaN/inf are zeroed in place.
     """
     finite = all_finite(pool.outer, pool.total, pool.rows)
     folded = finite & (pool.rows > 0)
     first = num_updates == 0
     zero = corr.new_zeros(())  # coefficients in the statistics' dtype, not the default one
-    keep = torch.where(folded, torch.where(first, zero, rho), 1.0)
-    weight = torch.where(folded, torch.where(first, 1.0, zero + (1.0 - rho)), zero)
-    per_row = torch.where(folded, weight / pool.rows.clamp_min(1), zero)
     # NaN * 0 is NaN: zero them so an unused pool adds exactly nothing.
     pool.outer.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    corr.mul_(keep).addcmul_(pool.outer, per_row)
-    if mean is not None:
-        total = pool.total.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        if shift is None:
+    total = pool.total.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if shift is not None:
+        assert mean is not None, "centred moments need the running mean"
+        # The mean's jump enters the covariance squared: a finite pool can still overflow it.
+        inverse_rows = torch.where(folded, 1.0 / pool.rows.clamp_min(1), zero)
+        offset = total * inverse_rows  # batch mean - shift
+        delta = torch.where(folded, shift.nan_to_num(0.0, 0.0, 0.0) + offset - mean, zero)
+        cross = torch.where(first, zero, zero + rho * (1.0 - rho))
+        weight = torch.where(first, 1.0, zero + (1.0 - rho))
+        update = (corr * torch.where(first, zero, rho) + pool.outer * (weight * inverse_rows)
+                  - torch.outer(offset * weight, offset) + torch.outer(delta * cross, delta))
+        new_mean = mean + delta * weight
+        representable = all_finite(update, new_mean)
+        finite, folded = finite & representable, folded & representable
+        corr.copy_(torch.where(folded, update, corr))
+        mean.copy_(torch.where(folded, new_mean, mean))
+    else:
+        keep = torch.where(folded, torch.where(first, zero, rho), 1.0)
+        weight = torch.where(folded, torch.where(first, 1.0, zero + (1.0 - rho)), zero)
+        per_row = torch.where(folded, weight / pool.rows.clamp_min(1), zero)
+        corr.mul_(keep).addcmul_(pool.outer, per_row)
+        if mean is not None:
             mean.mul_(keep).addcmul_(total, per_row)
-        else:
-            offset = total * torch.where(folded, 1.0 / pool.rows.clamp_min(1), zero)  # batch mean - shift
-            delta = torch.where(folded, shift + offset - mean, zero)
-            cross = torch.where(folded & ~first, zero + rho * (1.0 - rho), zero)
-            corr.sub_(torch.outer(offset * weight, offset)).add_(torch.outer(delta * cross, delta))
-            mean.add_(delta * weight)
     num_updates.add_(folded)
     return FoldResult(folded, ~finite)
 
@@ -160,12 +170,15 @@ class RunningStats(nn.Module):
             self.last_collapse.copy_(torch.where(collapse.isfinite(), collapse, self.last_collapse))
         reduce = self.sync_dist and world_size(self.process_group) > 1
         if shift is not None:
-            if opens_pool:  # the pool's shift: this batch's mean (over ranks), else the running mean
-                head_sum = torch.cat([x.sum(dim=0), rows.nan_to_num(0.0).reshape(1)])
-                if reduce:
-                    all_reduce_sum_(head_sum, self.process_group)
-                count = head_sum[-1]
-                shift.copy_(torch.where(count > 0, head_sum[:-1] / count.clamp_min(1), self.mean))
+            # The pool's shift is the mean (over ranks) of its first batch with rows, so that its
+            # moments are small wherever the data sit; it changes only while the pool is empty.
+            batch_sum = torch.cat([x.sum(dim=0), rows.nan_to_num(0.0).reshape(1)])
+            if reduce:
+                all_reduce_sum_(batch_sum, self.process_group)
+            count = batch_sum[-1]
+            empty = (pool.rows == 0) if not opens_pool else torch.ones((), dtype=torch.bool, device=x.device)
+            batch_mean = batch_sum[:-1] / count.clamp_min(1)
+            shift.copy_(torch.where(empty & (count > 0), batch_mean, torch.where(empty, self.mean, shift)))
             x = x - shift
         if reduce:  # summed over ranks as they join the pool: every rank holds the same pool
             moments = _all_reduce_pool(Pool(x.mT @ x, x.sum(dim=0), rows), self.process_group)

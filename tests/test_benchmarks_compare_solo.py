@@ -157,7 +157,7 @@ def test_a_step_uses_solos_loss_and_momentum_updater(solo_methods):
     x0, x1 = next(DigitsData().views(16, torch.Generator().manual_seed(0), torch.device("cpu")))
     loss, z0 = model.training_loss(x0, x1)
     # both views pooled, folded by the next step's first call ("auto")
-    assert z0.shape == (16, 8) and int(model.predictor.pending_calls) == 2
+    assert z0.shape == (16, 8) and model.predictor.schedule.calls == 2
     (p0, p1), (t0, t1) = seen["predictor"], seen["momentum_projector"]
     # as BYOL.training_step pairs them: each view's prediction against the other view's target
     assert loss.item() == pytest.approx((byol_loss_func(p1, t0) + byol_loss_func(p0, t1)).item(), rel=1e-5)

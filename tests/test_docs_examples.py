@@ -15,8 +15,6 @@ Blocks are found by Sybil's Markdown lexer, one Sybil document per file:
   solo-learn. A command with no rule fails, so a new kind of block gets a rule.
 - ``<!-- test: sub OLD -> NEW -->`` replaces text in the block before it runs (to shrink a
   measurement).
-- ``<!-- contract-#18: ... -->`` marks a block that documents the head's behaviour after the
-  owners/step-machine refactor; it is expected to fail until that lands (see CONTRACT_18).
 """
 
 from __future__ import annotations
@@ -40,16 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = sorted(
     [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "integrations").glob("*/README.md")]
 )
-DIRECTIVE = re.compile(r"<!--\s*(test|contract-#18):?\s*(?P<body>.*?)\s*-->\s*$")
+DIRECTIVE = re.compile(r"<!--\s*(test):?\s*(?P<body>.*?)\s*-->\s*$")
 SUB = re.compile(r"sub (?P<old>.+?) -> (?P<new>.+)$")
 RUN = re.compile(r"(?:cwd (?P<cwd>\S+))? ?(?P<run>run(?: (?P<args>.*))?)?$")
 
-# contract-#18: blocks marked <!-- contract-#18: ... --> document the head after the
-# owners/step-machine refactor (diagnostics keys, refused options, input_dim required, a
-# call without grad under "auto" is a step of its own). Until it is merged they fail on
-# today's head, so they are strict xfails; after the merge they pass, xfail(strict=True)
-# reports XPASS as a failure, and the markers in the pages (and this switch) go.
-CONTRACT_18 = True  # contract-#18: set to False (and drop the page markers) after the merge
 
 
 def _directives(example) -> List[Tuple[str, str]]:
@@ -204,14 +196,7 @@ def _examples():
         document = SYBIL.parse(path)
         for example in document:
             yield pytest.param(example, id=f"{path.relative_to(ROOT)}:{example.line}",
-                               marks=_marks(example))
-
-
-def _marks(example):
-    # contract-#18: the blocks written to the refactored head's contract
-    if CONTRACT_18 and any(kind == "contract-#18" for kind, _ in _directives(example)):
-        return [pytest.mark.xfail(strict=True, reason="contract-#18: documents the head after the refactor")]
-    return []
+                               marks=[])
 
 
 EXAMPLES = list(_examples())

@@ -134,16 +134,36 @@ class ContractModel:
         info = torch.finfo(self.c["stats_dtype"])
         with np.errstate(all="ignore"):
             outer, total = rows.T @ rows, rows.sum(axis=0)
-        finite = np.isfinite(outer).all() and np.isfinite(total).all()
-        too_big = finite and max(np.abs(outer).max(initial=0), np.abs(total).max(initial=0)) > info.max
+            if self.c["center"]:  # what must be representable is the covariance: moments about the
+                # mean of the pool's first batch with rows, as documented
+                shift = next((p.mean(axis=0) for p in parts if len(p)), self.mu)
+                shifted = rows - shift
+                check = (shifted.T @ shifted, shifted.sum(axis=0), shift)
+            else:
+                check = (outer, total)
+        finite = all(np.isfinite(m).all() for m in check)
+        too_big = finite and max(np.abs(m).max(initial=0) for m in check) > info.max
         largest = [np.abs(p).max() if p.size and np.isfinite(p).all() else 0.0 for p in parts]
         underflow = any(0 < m and m * m < info.tiny for m in largest)
         if not finite or too_big or underflow:
             self.skipped += 1
         elif len(rows):
             keep = 0.0 if self.updates == 0 else self.c["rho"]
-            self.F = keep * self.F + (1 - keep) * outer / len(rows)
-            self.mu = keep * self.mu + (1 - keep) * total / len(rows)
+            batch_mean = total / len(rows)
+            if self.c["center"]:  # F_hat - mu mu^T by its own recurrence (no cancellation in the model)
+                centred = rows - batch_mean
+                delta = batch_mean - self.mu
+                with np.errstate(all="ignore"):
+                    cov = keep * self.F + (1 - keep) * centred.T @ centred / len(rows) \
+                        + np.outer(keep * (1 - keep) * delta, delta)
+                mu = self.mu + (1 - keep) * delta
+                if not (np.isfinite(cov).all() and np.abs(cov).max() <= info.max):  # the result overflows
+                    self.skipped += 1
+                    return
+                self.F, self.mu = cov, mu
+            else:
+                self.F = keep * self.F + (1 - keep) * outer / len(rows)
+                self.mu = keep * self.mu + (1 - keep) * batch_mean
             self.updates += 1
 
     def end_step(self, in_step):
@@ -162,7 +182,15 @@ class ContractModel:
             self.refreshed = True
 
     def target(self):
-        return self.F - np.outer(self.mu, self.mu) if self.c["center"] else self.F
+        """The matrix the rule reads: F_hat, or with center the covariance (kept in ``F``)."""
+        return self.F
+
+    def scale(self):
+        """The magnitude rounding of the head's statistics is relative to."""
+        scale = np.abs(self.F).max()
+        if self.c["center"]:  # the covariance is formed next to mu: its rounding scales with mu too
+            scale = max(scale, np.abs(self.mu).max() ** 2)
+        return max(scale, np.finfo(np.float64).tiny)
 
     def rule(self, m):
         if self.c["variant"] == "directset":
@@ -222,7 +250,8 @@ class HeadMachine(RuleBasedStateMachine):
         expected = x @ w.T
         finite = np.isfinite(expected)
         size = np.abs(x[np.isfinite(x)]).max(initial=0) * np.abs(w).max() * x.shape[-1]
-        rounding = (1e-12 if self.config["stats_dtype"] == torch.float64 else 1e-5) + slack
+        wide = self.config["stats_dtype"] == torch.float64 and self.head.weight.dtype == torch.float64
+        rounding = (1e-12 if wide else 1e-5) + slack  # a trainable W_p is float32
         np.testing.assert_allclose(out.detach().double().numpy()[finite], expected[finite], rtol=0,
                                    atol=size * rounding + 1e-300)
 
@@ -380,7 +409,7 @@ class HeadMachine(RuleBasedStateMachine):
         config, model = self.config, self.model
         u = torch.finfo(config["stats_dtype"]).eps
         target = model.target()
-        scale, largest = np.abs(model.F).max(), np.abs(target).max()
+        scale, largest = model.scale(), np.abs(target).max()
         noise = config["dim"] * u * scale / largest if largest > 0 else (0.0 if scale <= 1e-300 else math.inf)
         if noise > 1e-5:
             return None
@@ -403,7 +432,7 @@ class HeadMachine(RuleBasedStateMachine):
         target = model.target()
         dtype = config["stats_dtype"]
         u = torch.finfo(dtype).eps
-        scale = max(np.abs(model.F).max(), np.finfo(np.float64).tiny)
+        scale = model.scale()
         np.testing.assert_allclose(head.corr.double().numpy() / scale, target / scale, rtol=0,
                                    atol=50 * config["dim"] * u)
         weight = head.weight.detach().double().numpy().copy()  # not a view: the head refreshes in place

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers import assert_same_state
+from _helpers import snapshot as snapshot_state
 
 import directpred_plugin.solo as adapter
 from directpred_plugin import DirectPredHead
@@ -68,7 +70,7 @@ def test_directpred_options_are_the_given_ones_and_the_head_applies_the_defaults
     "options, message",
     [
         ({"rh": 0.3}, r"unknown option\(s\) \['rh'\]; valid options: \['rho'"),
-        ({"rho": 1.5}, r"method_kwargs.directpred: rho must be a float in \[0, 1\)"),
+        ({"rho": 1.5}, r"method_kwargs.directpred: rho must be a number in \[0, 1\)"),
         ({"freq": 0}, r"method_kwargs.directpred: freq must be an integer >= 1"),
         ({"variant": "mlp"}, r"method_kwargs.directpred: predictor 'directpred' is variant 'directpred', got "
                              r"variant='mlp'; name the member instead \(one of \['directpred', 'directcopy'"),
@@ -466,7 +468,7 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
         # nothing; with "auto" the last step's pool is folded by the next step's first call
         assert head.calls_per_update == "auto"
         assert int(head.num_updates) == STEPS - 1, attr
-        assert int(head.pending_calls) == METHOD_PREDICTORS[method][attr](model), attr
+        assert head.schedule.calls == METHOD_PREDICTORS[method][attr](model), attr
         assert not torch.allclose(head.weight, before[attr]), attr
         assert torch.isfinite(head.weight).all()
         assert (id(head.weight) in in_optimizer) == trainable
@@ -477,7 +479,8 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     [("lars", False, False), ("lars", True, True), ("sgd", True, False), ("adamw", False, True)],
 )
 def test_param_groups_stay_valid_for_solos_optimizers(methods, optimizer, trainable, split_weight_decay):
-    cfg = make_cfg("simsiam", optimizer=optimizer, predictor="directpred", directpred={"trainable": trainable})
+    options = {"trainable": True, "freq": 2} if trainable else {}  # a trainable W_p needs freq > 1
+    cfg = make_cfg("simsiam", optimizer=optimizer, predictor="directpred", directpred=options)
     cfg.optimizer.exclude_bias_n_norm_wd = split_weight_decay
     cfg.scheduler.name = "none"  # configure_optimizers then needs no Trainer
     model = methods["simsiam"](cfg)
@@ -509,20 +512,20 @@ def test_resume_restores_the_head_and_refuses_another_predictor(methods, tmp_pat
     trainer = fit(model)
     ckpt = tmp_path / "byol.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = {k: v.clone() for k, v in model.predictor.state_dict().items()}
+    saved = snapshot_state(model.predictor)
     # one update per step; the last step's pool is saved open and folded by the resumed run
-    assert int(saved["num_updates"]) == STEPS - 1 and int(saved["pending_calls"]) == 2
+    assert int(saved["stats.num_updates"]) == STEPS - 1 and saved["_extra_state"]["schedule"]["calls"] == 2
 
     class Snapshot(Callback):
         def on_train_start(self, trainer, module):
-            self.state = {k: v.clone() for k, v in module.predictor.state_dict().items()}
+            self.state = snapshot_state(module.predictor)
             self.counter = int(module.predictor.diagnostics()["num_steps"])
 
     resumed = methods["byol"](make_cfg("byol", predictor="directpred"))
     snapshot = Snapshot()
     fit(resumed, epochs=2, ckpt_path=ckpt, callbacks=[snapshot])
     assert snapshot.state.keys() == saved.keys()
-    assert all(torch.equal(snapshot.state[k], saved[k]) for k in saved)
+    assert_same_state(snapshot.state, saved)
     assert snapshot.counter == STEPS - 1
     assert int(resumed.predictor.num_updates) == 2 * STEPS - 1
 
@@ -658,7 +661,7 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("predictor.0.") for k in state)  # no MLP
     # all-reduced statistics, one update per step; the last step's pool is saved open
-    assert int(state["predictor.num_updates"]) == STEPS - 1 and int(state["predictor.pending_calls"]) == 2
+    assert int(state["predictor.stats.num_updates"]) == STEPS - 1 and state["predictor._extra_state"]["schedule"]["calls"] == 2
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
     args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"

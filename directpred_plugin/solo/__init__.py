@@ -637,7 +637,8 @@ def _check_checkpoint_predictors(model: Any, state_dict: Mapping[str, Any]) -> N
         saved = [k for k in state_dict if k.startswith(attr + ".")]
         if not saved:
             continue
-        saved_directpred = f"{attr}.corr" in state_dict
+        # version 3 heads keep F_hat under stats., earlier ones at the top
+        saved_directpred = f"{attr}.stats.corr" in state_dict or f"{attr}.corr" in state_dict
         built_directpred = isinstance(getattr(model, attr), DirectPredHead)
         if saved_directpred != built_directpred:
             describe = {True: "a DirectPred head (a closed-form method_kwargs.predictor)",

@@ -110,7 +110,11 @@ def _lightly_options() -> Dict[str, Any]:
 def _solo_options() -> Dict[str, Any]:
     from directpred_plugin import solo
 
-    defaults = solo.directpred_options({})
+    # A key left out gets the head's default (the chosen name's, for predictor: ns and the like);
+    # directpred_options fills in only what differs from the head: calls_per_update.
+    head = _head_options()
+    given = solo.directpred_options({})
+    defaults = {**head, "stats_dtype": "float32", **given}
     return {name: defaults[name] for name in solo.DIRECTPRED_OPTIONS}
 
 
