@@ -6,6 +6,8 @@ without a :class:`~directpred_plugin.DirectPredHead`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ def directcopy_weight(corr: Tensor, eps: float) -> Tensor:
     return VARIANTS["directcopy"](corr, eps)
 
 
-def collapse_indicator(z: Tensor) -> Tensor:
+def collapse_indicator(z: Tensor, largest: Optional[Tensor] = None) -> Tensor:
     """Mean over dimensions of the std of l2-normalised rows of ``z`` (float32, 0-dim).
 
     Uses the population std, so the value lies in ``[0, 1/sqrt(dim)]``: 0 means every
@@ -31,14 +33,16 @@ def collapse_indicator(z: Tensor) -> Tensor:
     Scale-invariant: the rows are divided by the batch's largest entry (in their own dtype)
     before anything is squared, so ``c * z`` reads as ``z`` for any finite ``c != 0``.
     Two passes over the centred rows, as ``std`` does, without its slow column reduction:
-    this runs on every training call of the head.
+    this runs on every training call of the head (which passes ``largest``, ``max|z_ij|``,
+    that it needs anyway).
     """
     rows = z.detach()
     if rows.dtype not in (torch.float32, torch.float64):  # scaling in half precision would round
-        rows = rows.float()
+        rows, largest = rows.float(), None
     if rows.numel():
-        largest = largest_magnitude(rows)
-        rows = rows / torch.where(largest > 0, largest, torch.ones_like(largest))
+        if largest is None:
+            largest = largest_magnitude(rows)
+        rows = rows / torch.where(largest > 0, largest, 1.0)
     rows = rows.float()
     norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     normalized = rows / norms.clamp_min(1e-12)  # the floor of torch.nn.functional.normalize

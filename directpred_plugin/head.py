@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import diagnostics
 from .calls import CHECKPOINT_ERROR, WeightSnapshots, autocast_disabled, in_reentrant_checkpoint, inside_backward, linear
 from .options import HeadOptions, head_options
 from .refresh import Refresher
@@ -164,35 +164,17 @@ class DirectPredHead(nn.Module):
         """The matrix ``W_p`` is computed from: ``F_hat``, or the covariance with ``center``."""
         return self.stats.corr
 
-    @torch.no_grad()
     def spectra(self) -> Dict[str, Tensor]:
         """Eigenvalues (descending, float64) of ``F_hat`` and of the symmetric part of ``W_p``."""
-        weight = self.weight.detach().double()
-        return {"corr": torch.linalg.eigvalsh(self.stats.corr.double()).flip(0),
-                "weight": torch.linalg.eigvalsh((weight + weight.mT) / 2).flip(0)}
+        return diagnostics.spectra(self)
 
-    @torch.no_grad()
     def alignment(self) -> float:
-        """Eigenspace alignment of ``W_p`` with ``F_hat`` (:func:`functional.eigenspace_alignment`)."""
-        if int(self.stats.num_updates) == 0:
-            return float("nan")
-        return float(functional.eigenspace_alignment(self.weight, self.stats.corr))
+        """Eigenspace alignment of ``W_p`` with ``F_hat``; 1 for the exact DirectPred rule."""
+        return diagnostics.alignment(self)
 
-    @torch.no_grad()
     def diagnostics(self) -> Dict[str, float]:
         """Scalars for logging, named after the state they read (two float64 eigendecompositions)."""
-        corr, weight = self.spectra().values()
-        updates = int(self.stats.num_updates)
-        return {
-            "alignment": self.alignment(), "last_collapse": float(self.stats.last_collapse),
-            "corr_eig_max": float(corr[0]), "corr_eig_min": float(corr[-1]),
-            "corr_effective_rank": float(functional.effective_rank(corr)) if updates else float("nan"),
-            "weight_eig_max": float(weight[0]), "weight_eig_min": float(weight[-1]),
-            "num_updates": float(updates), "num_skipped": float(self.stats.num_skipped),
-            "num_steps": float(self.schedule.steps),
-            "refresh_rejections": float(self.refresher.refresh_rejections),
-            "exact_refreshes": float(self.refresher.exact_refreshes),
-        }
+        return diagnostics.diagnostics(self)
 
     # ------------------------------------------------------------ bookkeeping
     def reset_running_stats(self) -> None:

@@ -105,7 +105,7 @@ class CounterMirror:
 
     def send(self, counters: Tensor) -> None:
         if counters.device.type == "cpu":
-            self._host, self._event = counters.clone(), None
+            self._host, self._event = counters, None  # the caller's fresh tensor, written by no one
         else:
             if self._host is None or self._host.shape != counters.shape or not self._host.is_pinned():
                 self._host = torch.empty(counters.shape, dtype=counters.dtype, pin_memory=True)

@@ -8,6 +8,7 @@ over ranks, so the host never waits. :func:`fold_` is the one EMA step, a plain 
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -164,9 +165,9 @@ class RunningStats(nn.Module):
             largest = largest_magnitude(x)
             # Squares below the smallest normal number lose their digits (or vanish): such a
             # batch cannot be represented, like one whose squares overflow.
-            underflow = (largest > 0) & (largest * largest < torch.finfo(x.dtype).tiny)
+            underflow = (largest > 0) & (largest < math.sqrt(torch.finfo(x.dtype).tiny))
             rows = torch.where(underflow, float("nan"), rows)
-            collapse = collapse_indicator(x).to(self.last_collapse.dtype)
+            collapse = collapse_indicator(x, largest).to(self.last_collapse.dtype)
             self.last_collapse.copy_(torch.where(collapse.isfinite(), collapse, self.last_collapse))
         reduce = self.sync_dist and world_size(self.process_group) > 1
         if shift is not None:
