@@ -14,6 +14,7 @@ COMMANDS: Dict[str, str] = {
     "compare": "directpred_plugin.benchmarks.compare",
     "theory": "directpred_plugin.benchmarks.theory",
     "step": "directpred_plugin.benchmarks.step",
+    "gpu-report": "directpred_plugin.benchmarks.gpu_report",
 }
 
 

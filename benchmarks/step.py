@@ -290,14 +290,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first, interleaved like the timed ones")
-    parser.add_argument("--byol-dim", type=int, default=None, help="default: BYOL's 256")
-    parser.add_argument("--simsiam-dim", type=int, default=None, help="default: SimSiam's 2048")
+    parser.add_argument("--byol-dim", type=int, default=None, help="projection width (default: BYOL's 256)")
+    parser.add_argument("--simsiam-dim", type=int, default=None, help="projection width (default: SimSiam's 2048)")
     parser.add_argument("--hidden", type=int, default=None,
                         help="projector (and BYOL MLP predictor) hidden width (default: 4096 BYOL, 2048 SimSiam)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
     parser.add_argument("--profile", metavar="METHOD:PREDICTOR", default=None,
-                        help="also profile one step of this configuration (first backbone), e.g. byol:directpred")
+                        help="also profile one step of this configuration (first backbone), e.g. byol:directpred "
+                             "(default: no profile)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for step.json and step.md (default: none, the table is only printed)")
