@@ -51,3 +51,12 @@ def test_without_cuda_only_the_dry_run_is_allowed(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--dry-run"):
         main(["gpu-report", "--out", str(tmp_path)])
+
+
+def test_the_gpu_plan_fits_a_ten_minute_device_limit():
+    from directpred_plugin.benchmarks.gpu_report import plan, total_limit
+
+    assert total_limit() <= 8 * 60
+    parts = {p.name: p for p in plan(Path("gpu-report"), dry_run=False)}
+    assert "--compile" in parts["step-resnet18"].command and "cuda" in parts["tests"].command
+    assert all("cuda" in p.command for p in parts.values() if p.command and "step" in p.command)
