@@ -87,7 +87,7 @@ def plan(out: Path, dry_run: bool) -> List[Part]:
                                           "--warmup", "2", "--no-progress", "--profile", "byol:directpred",
                                           "--out", str(out / "step-resnet18"))),
         Part("step-resnet50", 80, _bench("step", "--device", "cuda", "--backbones", "resnet50", "--batch-size", "64",
-                                         "--rounds", "3", "--steps", "3", "--warmup", "1", "--no-progress",
+                                         "--rounds", "3", "--steps", "5", "--warmup", "1", "--no-progress",
                                          "--out", str(out / "step-resnet50"))),
     ]
 

@@ -141,7 +141,7 @@ def measure(
     modes: Sequence[str] = ("eager",),
     batch: int = 32,
     rounds: int = 5,
-    steps: int = 3,
+    steps: int = 5,
     warmup: int = 2,
     device: str = "cpu",
     amp: Optional[torch.dtype] = None,
@@ -288,7 +288,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype (default: bf16 on CUDA, none on the CPU)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per view")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per configuration and round; a multiple of every freq, so that each "
+                             "block holds the same number of refreshes")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first, interleaved like the timed ones")
     parser.add_argument("--byol-dim", type=int, default=None, help="projection width (default: BYOL's 256)")
     parser.add_argument("--simsiam-dim", type=int, default=None, help="projection width (default: SimSiam's 2048)")
