@@ -194,7 +194,8 @@ def measure(
             _block(config, inputs[config.backbone], amp, dev)
             config.peak = None
             bar.update()
-    for _ in range(rounds):
+    for index in range(rounds):
+        bar.set_postfix_str(f"round {index + 1} of {rounds}")
         for config in configs:
             config.samples.append(_block(config, inputs[config.backbone], amp, dev))
             bar.update()
