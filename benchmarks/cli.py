@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 #: Sub-command -> module providing ``add_arguments(parser)`` and ``run(args)``.
@@ -12,6 +13,8 @@ COMMANDS: Dict[str, str] = {
     "speed": "directpred_plugin.benchmarks.speed",
     "compare": "directpred_plugin.benchmarks.compare",
     "theory": "directpred_plugin.benchmarks.theory",
+    "step": "directpred_plugin.benchmarks.step",
+    "gpu-report": "directpred_plugin.benchmarks.gpu_report",
 }
 
 
@@ -64,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the tables that record it
     args._run(args)
     return 0
 

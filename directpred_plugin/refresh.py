@@ -17,8 +17,9 @@ applied, how many results were refused, and the policy that follows a refusal.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,50 @@ from torch import Tensor, nn
 from .options import ITERATIVE_POWERS, HeadOptions, check_int, check_real
 from .rules import VARIANTS, RuleOptions, Variant, all_finite, inverse_or_zero, normalise_statistics
 
-__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "Refresher"]
+__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "Refresher",
+           "highest_matmul_precision"]
 
 Candidate = Tuple[Tensor, Tensor]
+
+
+def _matmul_backends() -> List[Any]:
+    """The backends with a per-backend float32 matmul precision (PyTorch 2.9 and later)."""
+    backends = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
+    return [b for b in backends if b is not None and hasattr(b, "fp32_precision")]
+
+
+@contextmanager
+def highest_matmul_precision() -> Iterator[None]:
+    """Float32 matrix products in IEEE precision inside the block, the user's setting restored after.
+
+    TF32 (``torch.set_float32_matmul_precision("high")``, ``allow_tf32``) or bf16
+    (``"medium"``, oneDNN on the CPU) products keep ~10 (8) mantissa bits: the iterative
+    refresh's certificate, which needs ~float32 accuracy, then refuses nearly every
+    candidate. Both the global setting and the per-backend ``fp32_precision`` are saved,
+    whichever API the user set them with, and put back even if the block raises.
+    """
+    backends = _matmul_backends()
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        previous: Optional[str] = torch.get_float32_matmul_precision()
+    except RuntimeError:  # per-backend settings that disagree with the global one: restore those
+        previous = None
+    if previous == "highest" and all(p in ("none", "ieee") for p in saved):
+        yield  # already IEEE: nothing to change
+        return
+    torch.set_float32_matmul_precision("highest")  # both APIs, consistently
+    try:
+        yield
+    finally:
+        if previous is not None:
+            torch.set_float32_matmul_precision(previous)
+        for backend, precision in zip(backends, saved):
+            backend.fp32_precision = precision
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Every product of the iterative refresh (one seam: the tests emulate reduced-precision products here)."""
+    return a @ b
 
 
 class ExactRefresh(nn.Module):
@@ -110,7 +152,8 @@ class IterativeRefresh(nn.Module):
     candidate above ``tol`` (or non-finite) is refused and the head keeps its previous
     ``W_p`` and counts it (``refresh_rejections``); the head's next refresh then uses the
     exact rule. Rules other than DirectSet with power 1/2 or 1 (eps outside) are
-    evaluated exactly. Nothing is read on the host.
+    evaluated exactly. Nothing is read on the host. The products run in IEEE float32 (or
+    the statistics' float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
 
     Args:
         dim: Width of the statistics.
@@ -150,7 +193,8 @@ class IterativeRefresh(nn.Module):
         power = variant.power(options)
         if power not in ITERATIVE_POWERS:
             return self.exact(stats, variant, options)
-        weight, bound = self.candidate(stats, power, options.eps)
+        with highest_matmul_precision():
+            weight, bound = self.candidate(stats, power, options.eps)
         return weight, all_finite(weight) & (bound <= self.tol)
 
     def candidate(self, stats: Tensor, power: float, eps: float) -> Tuple[Tensor, Tensor]:
@@ -178,7 +222,7 @@ class IterativeRefresh(nn.Module):
         power = stats * inverse_or_zero(norm)
         log_upper = torch.log(norm.clamp_min(tiny))
         for k in range(1, self.squarings + 1):
-            power = power @ power
+            power = _matmul(power, power)
             factor = power.norm()
             power = power * inverse_or_zero(factor)
             log_upper = log_upper + torch.log(factor.clamp_min(tiny)) / 2**k
@@ -186,7 +230,7 @@ class IterativeRefresh(nn.Module):
         # the largest column of a high power of a PSD matrix lies close to its top eigenspace
         column = power.index_select(1, power.norm(dim=0).argmax().reshape(1)).squeeze(1)
         column = column * inverse_or_zero(column.norm())
-        lower = (column @ (stats @ column)).clamp_min(0)
+        lower = (column @ _matmul(stats, column)).clamp_min(0)
         return lower, torch.maximum(upper, lower)
 
     def square_root(self, a: Tensor) -> Tuple[Tensor, Tensor]:
@@ -198,11 +242,11 @@ class IterativeRefresh(nn.Module):
         p: Optional[Tensor] = None
         for c1, c3 in _sqrt_schedule(self.sqrt_floor, self.sqrt_steps):
             if p is not None:
-                z = p if z is None else p @ z
-            t = y if z is None else z @ y
+                z = p if z is None else _matmul(p, z)
+            t = y if z is None else _matmul(z, y)
             p = t * (-c3)
             p.diagonal().add_(c1)
-            y = y @ p
+            y = _matmul(y, p)
             y = (y + y.mT) / 2  # products of commuting factors, symmetric up to rounding
         return y, trace - y.square().sum()
 
@@ -285,7 +329,8 @@ class Refresher(nn.Module):
             if not strategy.is_exact(normalised, variant, self.rule):
                 strategy = self.exact
                 self.exact_refreshes += 1
-        candidate, ok = strategy(normalised, variant, self.rule)
+        with highest_matmul_precision():  # the exact rules' products too (U diag U^T)
+            candidate, ok = strategy(normalised, variant, self.rule)
         candidate = candidate.to(weight.dtype)
         if self.weight_momentum:
             none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9

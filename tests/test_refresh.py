@@ -228,3 +228,128 @@ def test_iterative_refresh_finds_a_top_eigenvector_orthogonal_to_fixed_start_vec
             if not torch.equal(head.weight, before):
                 assert relative_error(head.weight, reference) <= 0.011
     assert relative_error(head.weight, reference) <= 0.011
+
+
+# ------------------------------------------------------------ precision of the products
+def tf32(x):
+    """``x`` rounded to TF32 (10-bit mantissa, round to nearest), as a tensor core reads float32 inputs."""
+    if x.dtype != torch.float32:
+        return x
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.fixture
+def emulated_tf32(monkeypatch):
+    """The refresh's products with TF32 inputs whenever the user's precision allows TF32."""
+    import directpred_plugin.refresh as refresh_module
+
+    exact_matmul = refresh_module._matmul
+    rounded = []
+
+    def matmul(a, b):
+        if torch.get_float32_matmul_precision() in ("high", "medium"):
+            rounded.append(a.shape)
+            return exact_matmul(tf32(a), tf32(b))
+        return exact_matmul(a, b)
+
+    monkeypatch.setattr(refresh_module, "_matmul", matmul)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what Lightning recommends on Ampere and later
+    yield rounded
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits():
+    x = torch.tensor([1 + 2**-10, 1 + 2**-11 + 2**-12, 1 + 2**-12, -3.0000002])
+    assert tf32(x).tolist() == [1 + 2**-10, 1 + 2**-10, 1.0, -3.0]
+
+
+def ssl_like_candidates(variant, unpinned, monkeypatch):
+    """How many of 40 SSL-like spectra (power-law and steep, widths 24 and 64) the refresh accepts."""
+    import contextlib
+
+    import directpred_plugin.refresh as refresh_module
+
+    if unpinned:
+        monkeypatch.setattr(refresh_module, "highest_matmul_precision", contextlib.nullcontext)
+    accepted = 0
+    for dim in (24, 64):
+        for kind in ("power-law", "steep"):
+            for seed in range(10):
+                stats = normalise_statistics(matrix_with_spectrum(kind, dim, seed).float())
+                weight, ok = IterativeRefresh(dim)(stats, VARIANTS[variant], RuleOptions(eps=0.01))
+                if bool(ok):
+                    accepted += 1
+                    error = relative_error(weight, reference_weight(stats, variant, 0.01))
+                    assert error <= TOL + rounding_slack(torch.float32, dim, POWERS[variant])
+    return accepted
+
+
+@pytest.mark.parametrize("variant", ["directpred", "directcopy"])
+def test_pinned_precision_accepts_ssl_spectra_under_emulated_tf32(variant, emulated_tf32, monkeypatch):
+    assert ssl_like_candidates(variant, unpinned=False, monkeypatch=monkeypatch) == 40
+    assert not emulated_tf32  # no product saw the user's TF32 setting
+    assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_unpinned_tf32_products_make_the_certificate_refuse_directpred(emulated_tf32, monkeypatch):
+    """The emulation is what the pinning guards against: without it the square root's
+    certificate refuses nearly every candidate (a silent fall back to eigh)."""
+    assert ssl_like_candidates("directpred", unpinned=True, monkeypatch=monkeypatch) <= 5
+    assert emulated_tf32
+
+
+@pytest.mark.parametrize("user", ["high", "medium", "highest"])
+def test_precision_is_restored_after_a_refresh_and_after_an_exception(user):
+    from directpred_plugin.refresh import highest_matmul_precision
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(user)
+        cuda_backend = torch.backends.cuda.matmul.fp32_precision
+        with highest_matmul_precision():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.backends.cuda.matmul.fp32_precision in ("ieee", "none")
+        assert torch.get_float32_matmul_precision() == user
+        assert torch.backends.cuda.matmul.fp32_precision == cuda_backend
+        with pytest.raises(ZeroDivisionError):
+            with highest_matmul_precision():
+                1 / 0
+        assert torch.get_float32_matmul_precision() == user
+        head = DirectPredHead(DIM, refresh="iterative")
+        head.update(torch.randn(64, DIM))
+        assert int(head.refreshed_at) == 1 and torch.get_float32_matmul_precision() == user
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_per_backend_precision_settings_are_restored():
+    """Users of the per-backend API (``torch.backends.cuda.matmul.fp32_precision``) get theirs back."""
+    from directpred_plugin.refresh import highest_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this PyTorch has no per-backend precision")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        matmul.fp32_precision = "tf32"
+        with highest_matmul_precision():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_compiled_training_with_tf32_keeps_iterative_refreshes_and_the_users_setting(emulated_tf32):
+    from _helpers import DIM as SMALL, TinyBYOL, sgd_step, views
+
+    torch.manual_seed(0)
+    model = TinyBYOL(DirectPredHead(SMALL, refresh="iterative", calls_per_update="auto"))
+    step = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for index in range(4):
+        sgd_step(step, optimizer, *views(index))
+    torch._dynamo.reset()
+    assert int(model.head.refreshed_at) == 3 and int(model.head.refresh_rejections) == 0
+    assert torch.get_float32_matmul_precision() == "high"

@@ -1,0 +1,343 @@
+"""Whole training step of BYOL and SimSiam with each predictor: what a user's step costs.
+
+One step is what a training loop does per batch: forward of both views through backbone,
+projector and predictor (and, for BYOL, the EMA target's forward), the symmetric negative
+cosine loss, backward, the optimizer (SGD with momentum) and BYOL's EMA update of the
+target. The models are the ``compare`` benchmark's lightly methods (BYOL: projection 256,
+MLP predictor 256-4096-256; SimSiam: projection 2048, bottleneck predictor 2048-512-2048)
+with the predictor swapped; DirectPred and DirectCopy pool the two views of a step
+(``calls_per_update="auto"``). Every configuration is built up front and timed round-robin
+(a block of steps each, round after round) in one process, so all see the same machine
+state; the median over rounds of each block's mean step time is reported with its ratio to
+the MLP of the same backbone, method and mode. On CUDA, ``peak MiB`` is the largest
+allocation above what was resident when a block started (activations, gradients,
+temporaries), under bf16 autocast unless ``--amp none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .methods import LightlyBYOL, LightlySimSiam, MethodConfig
+from .predictors import check_predictor
+from .threads import torch_threads
+
+#: ``--backbones`` name -> (``backbones.build_backbone`` name, image size).
+STEP_BACKBONES: Dict[str, Tuple[str, int]] = {
+    "resnet18-cifar": ("resnet18", 32),
+    "resnet50": ("timm:resnet50", 224),
+    "small-cnn": ("small-cnn", 8),  # for smoke tests and dry runs
+}
+
+#: ``--methods`` name -> (model class, projection width, projector hidden width).
+METHODS: Dict[str, Tuple[Callable[[MethodConfig], nn.Module], int, int]] = {
+    "byol": (LightlyBYOL, 256, 4096),
+    "simsiam": (LightlySimSiam, 2048, 2048),
+}
+
+DEFAULT_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
+EMA_MOMENTUM = 0.99
+
+
+@dataclass
+class StepRow:
+    backbone: str
+    image_size: int
+    method: str
+    dim: int
+    predictor: str
+    mode: str  # eager or compiled
+    amp: str
+    batch: int
+    device: str
+    ms_per_step: float
+    ratio_to_mlp: Optional[float] = None
+    peak_mib: Optional[float] = None
+    refreshes: Optional[int] = None
+    refresh_rejections: Optional[int] = None
+
+
+@dataclass
+class _Config:
+    backbone: str
+    method: str
+    predictor: str
+    mode: str
+    model: nn.Module
+    step: Callable[[Tensor, Tensor], Tensor]  # (x0, x1) -> loss, forward only
+    optimizer: torch.optim.Optimizer
+    samples: List[float]
+    peak: Optional[float] = None
+
+    @property
+    def group(self) -> Tuple[str, str, str]:
+        return self.backbone, self.method, self.mode
+
+
+def build_model(backbone: str, method: str, predictor: str, *, dim: Optional[int] = None,
+                hidden: Optional[int] = None) -> nn.Module:
+    """The lightly model of ``method`` with ``predictor`` on ``backbone`` (a :data:`STEP_BACKBONES` name)."""
+    name, size = STEP_BACKBONES[backbone]
+    cls, default_dim, default_hidden = METHODS[method]
+    cfg = MethodConfig(backbone=name, in_chans=3, image_size=size, num_classes=10,
+                       proj_dim=dim or default_dim, hidden_dim=hidden or default_hidden, predictor=predictor)
+    return cls(cfg)
+
+
+def _training_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    def loss(x0: Tensor, x1: Tensor) -> Tensor:
+        return model.training_loss(x0, x1)[0]
+
+    return loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_step(config: _Config, x0: Tensor, x1: Tensor, amp: Optional[torch.dtype], device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        loss = config.step(x0, x1)
+    config.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    config.optimizer.step()
+    config.model.update_target(EMA_MOMENTUM)
+
+
+def _block(config: _Config, inputs: Sequence[Tuple[Tensor, Tensor]], amp: Optional[torch.dtype],
+           device: torch.device) -> float:
+    _sync(device)
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for x0, x1 in inputs:
+        _one_step(config, x0, x1, amp, device)
+    _sync(device)
+    elapsed = (time.perf_counter() - start) / len(inputs)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+        config.peak = peak if config.peak is None else max(config.peak, peak)
+    return elapsed
+
+
+def measure(
+    *,
+    backbones: Sequence[str],
+    methods: Sequence[str],
+    predictors: Sequence[str] = DEFAULT_PREDICTORS,
+    modes: Sequence[str] = ("eager",),
+    batch: int = 32,
+    rounds: int = 5,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "cpu",
+    amp: Optional[torch.dtype] = None,
+    dims: Optional[Dict[str, int]] = None,
+    hidden: Optional[Dict[str, int]] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> List[StepRow]:
+    """Median over ``rounds`` of the mean time of ``steps`` steps, configurations interleaved."""
+    from .cli import progress_bar
+
+    dev = torch.device(device)
+    dims, hidden = dims or {}, hidden or {}
+    if "compiled" in modes:
+        # Every configuration's model runs the same code, one recompilation each: past the
+        # default limit (8) Dynamo would silently run the rest eagerly.
+        limit = 4 * len(backbones) * len(methods) * len(predictors) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+    configs: List[_Config] = []
+    for backbone in backbones:
+        for method in methods:
+            for predictor in predictors:
+                torch.manual_seed(seed)  # the same backbone and projector for every predictor
+                model = build_model(backbone, method, predictor, dim=dims.get(method),
+                                    hidden=hidden.get(method)).to(dev).train()
+                optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                            lr=0.05, momentum=0.9, weight_decay=1e-5)
+                for mode in modes:
+                    loss = _training_loss(model)
+                    step = torch.compile(loss) if mode == "compiled" else loss
+                    configs.append(_Config(backbone, method, predictor, mode, model, step, optimizer, []))
+    gen = torch.Generator().manual_seed(seed)
+    inputs: Dict[str, List[Tuple[Tensor, Tensor]]] = {}
+    for backbone in backbones:
+        size = STEP_BACKBONES[backbone][1]
+        inputs[backbone] = [
+            (torch.randn(batch, 3, size, size, generator=gen).to(dev),
+             torch.randn(batch, 3, size, size, generator=gen).to(dev)) for _ in range(steps)
+        ]
+    bar = progress_bar(total=(rounds + warmup) * len(configs), desc="step (round x configuration)",
+                       disable=not progress)
+    # Warm-up rounds interleaved like the timed ones: compilation, and the recompilations a
+    # compiled step meets when another configuration's model ran the same code, allocator
+    # and pinned buffers, the heads' first refreshes.
+    for _ in range(warmup):
+        for config in configs:
+            bar.set_postfix_str(f"warm-up {config.method} {config.predictor} {config.mode}")
+            _block(config, inputs[config.backbone], amp, dev)
+            config.peak = None
+            bar.update()
+    for index in range(rounds):
+        bar.set_postfix_str(f"round {index + 1} of {rounds}")
+        for config in configs:
+            config.samples.append(_block(config, inputs[config.backbone], amp, dev))
+            bar.update()
+    bar.close()
+    medians = {id(c): sorted(c.samples)[len(c.samples) // 2] for c in configs}
+    mlp = {c.group: medians[id(c)] for c in configs if c.predictor == "mlp"}
+    rows = []
+    for c in configs:
+        head = c.model.prediction_head
+        refreshes = rejections = None
+        if hasattr(head, "refreshed_at"):
+            refreshes = int(head.num_updates) // head.freq
+            rejections = int(head.refresh_rejections)
+        rows.append(StepRow(
+            backbone=c.backbone, image_size=STEP_BACKBONES[c.backbone][1], method=c.method,
+            dim=int(dims.get(c.method) or METHODS[c.method][1]), predictor=c.predictor, mode=c.mode,
+            amp="none" if amp is None else str(amp).replace("torch.", ""), batch=batch, device=str(dev),
+            ms_per_step=medians[id(c)] * 1e3,
+            ratio_to_mlp=medians[id(c)] / mlp[c.group] if c.group in mlp else None,
+            peak_mib=c.peak, refreshes=refreshes, refresh_rejections=rejections))
+    return rows
+
+
+def format_table(rows: Sequence[StepRow]) -> str:
+    lines = ["| backbone | image | method | dim | predictor | mode | amp | batch | ms / step | vs MLP | peak MiB "
+             "| refreshes | rejections |",
+             "|---|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = "" if r.ratio_to_mlp is None else f"{r.ratio_to_mlp:.3f}x"
+        peak = "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+        lines.append(f"| {r.backbone} | {r.image_size} | {r.method} | {r.dim} | {r.predictor} | {r.mode} | {r.amp} "
+                     f"| {r.batch} | {r.ms_per_step:.1f} | {ratio} | {peak} | {'' if r.refreshes is None else r.refreshes} "
+                     f"| {'' if r.refresh_rejections is None else r.refresh_rejections} |")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    """One line naming what ran the benchmark."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        where = f"{torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}"
+    else:
+        where = f"{_cpu_name()}, {os.cpu_count()} logical CPUs"
+    return (f"{where}; torch {torch.__version__}; {torch.get_num_threads()} torch threads; "
+            f"Python {platform.python_version()}; {platform.system()}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_step(backbone: str, method: str, predictor: str, *, batch: int, device: str,
+                 amp: Optional[torch.dtype], dims: Optional[Dict[str, int]] = None,
+                 hidden: Optional[Dict[str, int]] = None, top: int = 20) -> str:
+    """``torch.profiler``'s top operators (self time) for one warm step of one configuration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    dims, hidden = dims or {}, hidden or {}
+    model = build_model(backbone, method, predictor, dim=dims.get(method), hidden=hidden.get(method)).to(dev).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    config = _Config(backbone, method, predictor, "eager", model, _training_loss(model), optimizer, [])
+    size = STEP_BACKBONES[backbone][1]
+    x0, x1 = (torch.randn(batch, 3, size, size, device=dev) for _ in range(2))
+    for _ in range(3):
+        _one_step(config, x0, x1, amp, dev)
+    _sync(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _one_step(config, x0, x1, amp, dev)
+        _sync(dev)
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort, row_limit=top))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbones", nargs="+", choices=sorted(STEP_BACKBONES), default=None,
+                        help="default: resnet18-cifar, and resnet50 (224x224) on CUDA")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["byol", "simsiam"], help="methods")
+    parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
+                        help="the compare benchmark's predictor specs, name[:key=value,...]; mlp is the reference")
+    parser.add_argument("--compile", action="store_true", help="also time each configuration under torch.compile")
+    parser.add_argument("--amp", choices=["bf16", "none"], default=None,
+                        help="autocast dtype (default: bf16 on CUDA, none on the CPU)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per view")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per configuration and round; a multiple of every freq, so that each "
+                             "block holds the same number of refreshes")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first, interleaved like the timed ones")
+    parser.add_argument("--byol-dim", type=int, default=None, help="projection width (default: BYOL's 256)")
+    parser.add_argument("--simsiam-dim", type=int, default=None, help="projection width (default: SimSiam's 2048)")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="projector (and BYOL MLP predictor) hidden width (default: 4096 BYOL, 2048 SimSiam)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
+    parser.add_argument("--profile", metavar="METHOD:PREDICTOR", default=None,
+                        help="also profile one step of this configuration (first backbone), e.g. byol:directpred "
+                             "(default: no profile)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for step.json and step.md (default: none, the table is only printed)")
+
+
+def run(args: argparse.Namespace) -> List[StepRow]:
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
+    for spec in args.predictors:
+        check_predictor(spec)  # bad names and options fail before any model is built
+    backbones = args.backbones or (["resnet18-cifar", "resnet50"] if cuda else ["resnet18-cifar"])
+    amp_name = args.amp or ("bf16" if cuda else "none")
+    amp = torch.bfloat16 if amp_name == "bf16" else None
+    dims = {k: v for k, v in {"byol": args.byol_dim, "simsiam": args.simsiam_dim}.items() if v}
+    hidden = {m: args.hidden for m in METHODS} if args.hidden else {}
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    with torch_threads(args.threads):
+        rows = measure(backbones=backbones, methods=args.methods, predictors=args.predictors, modes=modes,
+                       batch=args.batch_size, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                       device=args.device, amp=amp, dims=dims, hidden=hidden, progress=not args.no_progress)
+        line = machine(args.device)
+        profile = None
+        if args.profile:
+            method, _, predictor = args.profile.partition(":")
+            profile = profile_step(backbones[0], method, predictor or "directpred", batch=args.batch_size,
+                                   device=args.device, amp=amp, dims=dims, hidden=hidden)
+    command = shlex.join(["directpred-bench", *getattr(args, "argv", ["step"])])
+    table = format_table(rows)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        payload: Dict[str, Any] = {"command": command, "machine": line, "rows": [asdict(r) for r in rows]}
+        (args.out / "step.json").write_text(json.dumps(payload, indent=2) + "\n")
+        text = f"`{command}`\n\n{line}\n\n{table}\n"
+        if profile is not None:
+            (args.out / "profile.txt").write_text(profile + "\n")
+        (args.out / "step.md").write_text(text)
+    return rows

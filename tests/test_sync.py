@@ -1,0 +1,79 @@
+"""No host-device waits in steady-state training, counted on the CPU (``_sync_counter.py``).
+
+The same check runs on a GPU under ``torch.cuda.set_sync_debug_mode("error")`` in
+``test_head.py``; this one runs everywhere, so a sync added to the hot path fails CI.
+"""
+
+import pytest
+import torch
+
+from _helpers import DIM, TinyBYOL, sgd_step, views
+from _sync_counter import SyncCounter
+from directpred_plugin import DirectPredHead
+
+WARM_UP, STEPS = 3, 8
+
+
+def steady_state(**options):
+    """Counter after ``STEPS`` BYOL steps (SGD with momentum) that follow ``WARM_UP`` steps."""
+    torch.manual_seed(0)
+    model = TinyBYOL(DirectPredHead(DIM, calls_per_update="auto", **options))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(WARM_UP):
+        sgd_step(model, optimizer, *views(step))
+    with SyncCounter() as counter:
+        for step in range(WARM_UP, WARM_UP + STEPS):
+            sgd_step(model, optimizer, *views(step))
+    return counter, model.head
+
+
+def test_the_counter_sees_reads_data_dependent_shapes_and_eigh():
+    x = torch.randn(4)
+    tolist = torch.Tensor.tolist
+    with SyncCounter() as counter:
+        x.sum().item()
+        bool(x[0] > 0)
+        x.tolist()
+        x[x > 0]
+        torch.nonzero(x)
+        torch.linalg.eigh(torch.eye(3))
+        torch.where(x > 0, x, -x).sum()  # stays on the device: not counted
+    assert counter.total == 6, counter.counts
+    assert counter.counts["aten::_local_scalar_dense (read)"] == 2
+    assert torch.Tensor.tolist is tolist  # the wrappers are gone afterwards
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"freq": 5}, {"variant": "directcopy"}, {"trainable": True, "freq": 5}],
+    ids=["directpred", "freq=5", "directcopy", "hybrid-freq=5"],
+)
+def test_cuda_default_configuration_makes_no_host_waits_in_steady_state(options):
+    """``refresh="iterative"`` is what ``"auto"`` picks on accelerators."""
+    counter, head = steady_state(refresh="iterative", **options)
+    assert counter.total == 0, dict(counter.counts)
+    assert counter.mirror_reads == STEPS  # the lagged counters, one host-memory read per step
+    assert int(head.refresh_rejections) == 0
+    freq = options.get("freq", 1)
+    assert int(head.refreshed_at) == (WARM_UP + STEPS - 1) // freq * freq
+
+
+@pytest.mark.parametrize("freq", [1, 5])
+def test_the_exact_refresh_is_counted_as_waiting(freq):
+    """Not vacuous: the exact rule's eigh (its info check) and its finiteness read are seen."""
+    counter, head = steady_state(refresh="exact", freq=freq)
+    refreshes = len([s for s in range(WARM_UP, WARM_UP + STEPS) if s % freq == 0])
+    assert counter.counts["aten::_linalg_eigh (eigh)"] == refreshes
+    assert counter.counts["aten::_local_scalar_dense (read)"] == refreshes
+    assert counter.total == 2 * refreshes > 0
+
+
+def test_public_refresh_and_diagnostics_read_the_device():
+    head = DirectPredHead(DIM, refresh="iterative")
+    head.update(torch.randn(32, DIM))
+    with SyncCounter() as counter:
+        head.refresh()
+    assert counter.total == 1  # its returned bool
+    with SyncCounter() as counter:
+        head.diagnostics()
+    assert counter.counts["aten::_linalg_eigh (eigh)"] > 0
