@@ -567,8 +567,8 @@ class Recorder(nn.Module):
 
 def _reference_after(steps, **options):
     ref = ReferenceHead(DIM, **options)
-    for views in steps:
-        ref.fold(torch.cat(views).numpy())
+    for step_views in steps:
+        ref.fold(torch.cat(step_views).numpy())
     return ref
 
 
@@ -652,8 +652,8 @@ def test_auto_grouping_under_torch_compile_matches_eager():
     batches = [[torch.randn(16, 5) for _ in range(2)] for _ in range(4)]
     for model in (eager, compiled):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        for views in batches:
-            loss = sum(model(x).pow(2).mean() for x in views)
+        for step_views in batches:
+            loss = sum(model(x).pow(2).mean() for x in step_views)
             opt.zero_grad()
             loss.backward()
             opt.step()
