@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import diagnostics
 from .calls import CHECKPOINT_ERROR, WeightSnapshots, autocast_disabled, in_reentrant_checkpoint, inside_backward, linear
-from .options import HeadOptions, head_options
+from .options import HeadOptions, OptionAttributes, head_options
 from .refresh import Refresher
 from .schedule import CounterMirror, StepSchedule
 from .state import migrate_state_dict
@@ -21,7 +21,7 @@ __all__ = ["DirectPredHead", "CallsPerUpdate"]
 CallsPerUpdate = Union[int, str]
 
 
-class DirectPredHead(nn.Module):
+class DirectPredHead(OptionAttributes, nn.Module):
     """Predictor set in closed form from the correlation of its input (DirectPred and its family).
 
     Non-contrastive SSL (BYOL, SimSiam) avoids collapse because the predictor ``W_p`` aligns
@@ -234,23 +234,7 @@ class DirectPredHead(nn.Module):
         return (f"dim={o.dim}, variant={o.variant!r}, rho={o.rho}, eps={o.eps}, freq={o.freq}, "
                 f"calls_per_update={self.calls_per_update!r}, trainable={o.trainable}, refresh={o.refresh!r}")
 
-    # The options and the owners' state under the names earlier releases used.
-    dim = property(lambda self: self.options.dim)
-    rho = property(lambda self: self.options.rho)
-    eps = property(lambda self: self.options.eps)
-    freq = property(lambda self: self.options.freq)
-    variant = property(lambda self: self.options.variant)
-    trainable = property(lambda self: self.options.trainable)
-    center = property(lambda self: self.options.center)
-    stats_dtype = property(lambda self: self.options.stats_dtype)
-    sync_dist = property(lambda self: self.options.sync_dist)
-    process_group = property(lambda self: self.options.process_group)
-    alpha = property(lambda self: self.options.rule.alpha)
-    eps_inside = property(lambda self: self.options.rule.eps_inside)
-    ridge = property(lambda self: self.options.ridge)
-    weight_momentum = property(lambda self: self.options.weight_momentum)
-    refresh_strategy = property(lambda self: self.options.refresh)
-    calls_per_update = property(lambda self: self.options.calls_per_update or "auto")
+    # The owners' state under the names earlier releases used.
     corr = property(lambda self: self.stats.corr)
     mean = property(lambda self: self.stats.mean)
     num_updates = property(lambda self: self.stats.num_updates)

@@ -20,6 +20,7 @@ from .rules import VARIANTS, RuleOptions
 __all__ = [
     "AUTO",
     "HeadOptions",
+    "OptionAttributes",
     "head_options",
     "iterative_form",
     "check_int",
@@ -179,3 +180,27 @@ def head_options(
         refresh=refresh, refresh_options=dict(refresh_options), rule=rule, ridge=ridge,
         weight_momentum=weight_momentum,
     )
+
+
+class OptionAttributes:
+    """A head's options as read-only attributes (``head.rho``, ``head.freq``, ...), as earlier releases had them."""
+
+    options: HeadOptions
+
+    dim = property(lambda self: self.options.dim)
+    rho = property(lambda self: self.options.rho)
+    eps = property(lambda self: self.options.eps)
+    freq = property(lambda self: self.options.freq)
+    variant = property(lambda self: self.options.variant)
+    trainable = property(lambda self: self.options.trainable)
+    center = property(lambda self: self.options.center)
+    stats_dtype = property(lambda self: self.options.stats_dtype)
+    sync_dist = property(lambda self: self.options.sync_dist)
+    process_group = property(lambda self: self.options.process_group)
+    alpha = property(lambda self: self.options.rule.alpha)
+    eps_inside = property(lambda self: self.options.rule.eps_inside)
+    ridge = property(lambda self: self.options.ridge)
+    weight_momentum = property(lambda self: self.options.weight_momentum)
+    refresh_strategy = property(lambda self: self.options.refresh)
+    calls_per_update = property(lambda self: AUTO if self.options.calls_per_update is None else
+                                self.options.calls_per_update)
