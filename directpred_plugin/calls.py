@@ -38,6 +38,7 @@ class WeightSnapshots:
 
     def new_step(self) -> None:
         self.step_generation: Optional[int] = None
+        self.step_version: Optional[int] = None  # W_p's in-place version at the step's first call
         self.mixed = False  # the calls of this step used different W_p
         self.untracked = 0  # training-mode calls of this step without autograd
 
@@ -50,11 +51,11 @@ class WeightSnapshots:
 
     def for_call(self, weight: Tensor, trainable: bool) -> Tensor:
         if self.step_generation is None:
-            self.step_generation = self.generation
+            self.step_generation, self.step_version = self.generation, weight._version
             if trainable:  # the optimizer may have moved W_p since the last step
                 self._copy = None
-        elif self.step_generation != self.generation:
-            self.mixed = True
+        elif self.step_generation != self.generation or self.step_version != weight._version:
+            self.mixed = True  # a refresh, or an optimizer step inside the step, moved W_p
         if self._copy is None or self._copy[0] != self.generation:
             self._copy = (self.generation, weight.detach().clone())
         # A trainable W_p is returned as a differentiable copy: a later in-place refresh leaves it.
@@ -63,7 +64,8 @@ class WeightSnapshots:
     def for_recomputation(self, weight: Tensor, trainable: bool) -> Tensor:
         if self.step_generation is None or self.mixed or self.untracked or self._copy is None:
             raise RuntimeError(CHECKPOINT_ERROR.format(
-                "W_p changed between the calls of this step (calls_per_update updates inside the step)"
+                "W_p changed between the calls of this step (calls_per_update updates inside the step, "
+                "or an optimizer step before the step's backward)"
                 if self.mixed else "not every call of this step was a training-mode call with autograd on"))
         if trainable:  # the values of the forward pass, the gradient to the parameter
             return weight + (self._copy[1] - weight).detach()

@@ -151,13 +151,13 @@ class DirectPredHead(OptionAttributes, nn.Module):
 
     def _refresh(self, force: bool = False) -> Tensor:
         self.snapshots.changed()
-        return self.refresher.refresh_(self.weight.detach(), self.stats.corr, self.stats.num_updates, force=force)
+        # wherever it runs (a deferred refresh lands inside the caller's autocast region)
+        with torch.no_grad(), autocast_disabled(self.weight.device.type):
+            return self.refresher.refresh_(self.weight.detach(), self.stats.corr, self.stats.num_updates, force=force)
 
-    @torch.no_grad()
     def refresh(self) -> bool:
         """Recompute ``W_p`` from the current estimate now; False if it was kept (reads the result)."""
-        with autocast_disabled(self.weight.device.type):
-            return bool(self._refresh(force=True))
+        return bool(self._refresh(force=True))
 
     # ------------------------------------------------------------- diagnostics
     def effective_corr(self) -> Tensor:

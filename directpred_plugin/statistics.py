@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .calls import autocast_disabled
 from .distributed import all_reduce_sum_, world_size
 from .functional import collapse_indicator
 from .rules import all_finite, largest_magnitude
@@ -159,7 +160,11 @@ class RunningStats(nn.Module):
         self.num_skipped.add_(result.skipped)
 
     def _add(self, pool: Pool, shift: Optional[Tensor], z: Tensor, opens_pool: bool) -> None:
-        x = z.detach().to(self.stats_dtype)
+        # moments in stats_dtype even inside the caller's autocast region (it would run x^T x in bf16)
+        with torch.no_grad(), autocast_disabled(z.device.type):
+            self._add_moments(pool, shift, z.detach().to(self.stats_dtype), opens_pool)
+
+    def _add_moments(self, pool: Pool, shift: Optional[Tensor], x: Tensor, opens_pool: bool) -> None:
         rows = x.new_full((), x.shape[0])
         if x.shape[0]:
             largest = largest_magnitude(x)

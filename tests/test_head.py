@@ -214,6 +214,30 @@ def test_autocast_keeps_statistics_in_float32(monkeypatch, amp_dtype):
         assert head(xs[0]).dtype == torch.float32  # fp32 input stays fp32
 
 
+@pytest.mark.parametrize("calls_per_update", [1, "auto"])
+def test_a_refresh_at_a_step_start_is_exact_under_autocast(calls_per_update):
+    """A trainable head's refresh lands at the next step's first call, inside the caller's autocast."""
+    head = DirectPredHead(DIM, trainable=True, freq=2, calls_per_update=calls_per_update)
+    opt = torch.optim.SGD(head.parameters(), lr=0.0)  # W_p moves only by refreshes
+    refreshed = 0
+    for z in make_batches(6):
+        before = head.weight.detach().clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(z.clone().requires_grad_(True))
+        if not torch.equal(head.weight.detach(), before):
+            refreshed += 1
+            # the rule on the statistics the refresh read: all but this call's own batch
+            exact = directpred_matrix(head.corr.double().numpy(), head.eps) if calls_per_update == "auto" else None
+            top = torch.linalg.eigvalsh(head.weight.detach().double()).max()
+            assert float(top) == pytest.approx(1 + head.eps, abs=1e-5)  # bf16 products would miss by ~1e-3
+            if exact is not None:
+                np.testing.assert_allclose(head.weight.detach().numpy(), exact, atol=1e-5)
+        opt.zero_grad()
+        out.float().pow(2).mean().backward()
+        opt.step()
+    assert refreshed >= 2
+
+
 def test_half_and_dtype_casts_keep_statistics_in_stats_dtype():
     head = DirectPredHead(DIM)
     train_calls(head, make_batches(3))
@@ -403,6 +427,19 @@ def test_reentrant_checkpointing_of_any_view_raises_instead_of_silent_gradients(
     with pytest.raises(RuntimeError, match="reentrant checkpointing runs the forward under no_grad"):
         p0 = checkpoint(predict, x0, use_reentrant=True) if checkpointed in ("both", "first") else predict(x0)
         p1 = checkpoint(predict, x1, use_reentrant=True) if checkpointed in ("both", "second") else predict(x1)
+        (p0.sum() + p1.sum()).backward()
+
+
+def test_a_recomputation_after_an_optimizer_step_inside_the_step_raises():
+    """The optimizer moved a trainable W_p between two calls of one step: one copy cannot serve both."""
+    head = DirectPredHead(DIM, calls_per_update="auto", trainable=True, freq=2)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    head.weight.grad = torch.ones(DIM, DIM)
+    z0, z1 = (z.requires_grad_(True) for z in make_batches(2))
+    p0 = checkpoint(head, z0, use_reentrant=False)
+    opt.step()  # before this step's backward
+    p1 = checkpoint(head, z1, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="optimizer step before the step's backward"):
         (p0.sum() + p1.sum()).backward()
 
 

@@ -255,13 +255,17 @@ class HeadMachine(RuleBasedStateMachine):
         np.testing.assert_allclose(out.detach().double().numpy()[finite], expected[finite], rtol=0,
                                    atol=size * rounding + 1e-300)
 
-    def training_call(self, spec, wrap=None):
+    def training_call(self, spec, wrap=None, autocast=False):
         z, x = self.make(spec)
         reachable = spec["requires_grad"] or self.config["trainable"]
         z = z.requires_grad_(spec["requires_grad"])
         rejections = int(self.head.refresh_rejections)
         self.model.refreshed = False
-        out = self.run(lambda: self.head(z) if wrap is None else wrap(z))
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return self.head(z) if wrap is None else wrap(z)
+
+        out = self.run(forward)
         w = self.model.call(x, reachable)
         self.rejected(rejections)
         # a refresh at this call's start (a deferred one, or the last step's pool) is the model's own
@@ -275,6 +279,11 @@ class HeadMachine(RuleBasedStateMachine):
     @rule(spec=batches)
     def train(self, spec):
         self.training_call(spec)
+
+    @rule(spec=batches)
+    def train_under_autocast(self, spec):
+        """Inside the caller's bf16 autocast region: statistics, refreshes and output stay exact."""
+        self.training_call(spec, autocast=True)
 
     @rule(spec=batches)
     def checkpointed(self, spec):
@@ -346,6 +355,7 @@ class HeadMachine(RuleBasedStateMachine):
                                    atol=1e-4 * max(np.abs(self.grad_expected).max(), 1e-30))
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.model.attempts += 1  # W_p moved: a call after this one in the same step used another W_p
         self.model.W = self.model.W - LR * grad.double().numpy()
         self.grad_expected = None
         self.previous_weight = self.head.weight.detach().clone()

@@ -308,3 +308,19 @@ def test_no_collective_without_sync_dist(monkeypatch, options, sync_dist):
         out.sum().backward()
     head.refresh()
     assert bool(calls) == sync_dist
+
+
+@pytest.mark.parametrize("sync_dist", [False, True])
+@pytest.mark.parametrize("center", [False, True])
+def test_moments_stay_in_the_statistics_dtype_inside_autocast(monkeypatch, sync_dist, center):
+    """The summed-over-ranks path forms x^T x out of place, where autocast would make it bf16."""
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: tensor)  # a world of one, twice
+    head = DirectPredHead(DIM, calls_per_update=2, sync_dist=sync_dist, center=center)
+    z = make_batches(1, dim=DIM)[0] * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head(z.clone().requires_grad_(True))
+    x = z - z.mean(dim=0) if center else z
+    torch.testing.assert_close(head.stats.pending_outer, x.T @ x, rtol=1e-5, atol=1e-4)
