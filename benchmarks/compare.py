@@ -17,6 +17,9 @@ seed, so the numbers are those of a serial run. The run folder (``--out``, defau
 ``results.json`` (configuration, machine, command, every run with its training curves,
 per-predictor summary), ``results.csv`` (one row per run), ``results.md`` (mean +- std over
 seeds); ``accuracy.png`` and ``curves.png`` when all runs are done (or interrupted).
+``--probe-epochs`` also probes along training: each run's ``probes`` (epoch, kNN and linear
+top-1, the final probes as the last point), early and final numbers in ``results.md`` and
+accuracy vs epoch in ``probes.png``.
 
 The models are assembled from lightly's building blocks as lightly's examples do
 (``methods.py``); ``--framework solo`` builds solo-learn's BYOL instead, the predictor
@@ -213,6 +216,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BYOL's target EMA momentum at step 0, cosine-scheduled to 1 "
                              "(default per dataset: fashion-mnist 0.9, others 0.99)")
     parser.add_argument("--knn-k", type=_positive_int, default=20, help="neighbours of the kNN probe")
+    parser.add_argument("--probe-epochs", nargs="+", type=_positive_int, default=None, metavar="EPOCH",
+                        help="also run the kNN probe after these epochs (e.g. 1 2 4 8), recorded per run with the "
+                             "final probes as the last point and drawn in probes.png (default: the probes after the "
+                             "last epoch only; each point costs an embedding of the training and test images)")
+    parser.add_argument("--probe-linear", action="store_true",
+                        help="fit the linear probe at --probe-epochs too (slower on large training sets)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (cifar10/stl10; default min(8, CPUs))")
@@ -233,7 +242,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         seeds=list(args.seeds), framework=args.framework, backbone=args.backbone, epochs=args.epochs,
         batch_size=args.batch_size, proj_dim=args.proj_dim, hidden_dim=args.hidden_dim, subset=args.subset,
         test_subset=args.test_subset, lr=args.lr, weight_decay=args.weight_decay, ema_start=args.ema_start,
-        knn_k=args.knn_k, device=args.device, data_dir=args.data_dir, download=args.download,
+        knn_k=args.knn_k, probe_epochs=args.probe_epochs and sorted(set(args.probe_epochs)),
+        probe_linear=args.probe_linear, device=args.device, data_dir=args.data_dir, download=args.download,
         workers=args.workers, threads=args.threads, jobs=args.jobs, progress=not args.no_progress,
     )
 
@@ -242,9 +252,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = config_from_args(args)
     out = args.out or Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     command = "directpred-bench " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
-    print(f"Writing to {out}/ (results.json, .csv, .md after every run; accuracy.png, curves.png at the end)",
-          flush=True)
+    pictures = "accuracy.png, curves.png" + (", probes.png" if cfg.probe_epochs else "")
+    print(f"Writing to {out}/ (results.json, .csv, .md after every run; {pictures} at the end)", flush=True)
     results = compare(cfg, out, command)
     print(markdown_table(results))
-    print(f"Wrote {out}/results.json, results.csv, results.md, accuracy.png, curves.png")
+    print(f"Wrote {out}/results.json, results.csv, results.md, {pictures}")
     return results
