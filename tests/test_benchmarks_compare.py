@@ -300,3 +300,56 @@ def test_probe_epochs_beyond_training_are_refused():
     with pytest.raises(ValueError, match="--probe-epochs must lie in 1..--epochs"):
         compare.compare(compare.CompareConfig(epochs=2, probe_epochs=[3], predictors=["none"], seeds=[0],
                                               progress=False))
+
+
+def test_resume_trains_only_the_missing_runs_and_keeps_the_probes(tmp_path, monkeypatch):
+    from directpred_plugin.benchmarks import compare as compare_module
+
+    cfg = compare.CompareConfig(predictors=["directpred", "none"], seeds=[0], epochs=2, proj_dim=8, hidden_dim=16,
+                                subset=256, probe_epochs=[1], progress=False)
+    real = compare_module.run_job
+    calls = []
+
+    def interrupted(cfg, job, position=1):
+        calls.append(job)
+        if job == ("none", 0):
+            raise KeyboardInterrupt
+        return real(cfg, job, position)
+
+    monkeypatch.setattr(compare_module, "run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+
+    calls.clear()
+    monkeypatch.setattr(compare_module, "run_job", lambda cfg, job, position=1: calls.append(job) or real(cfg, job))
+    from dataclasses import replace
+
+    results = compare.compare(replace(cfg, jobs=2), tmp_path, resume=True)
+    assert calls == [("none", 0)]  # the untrained baseline and directpred came from the folder
+    assert results["complete"] and results["resumed_runs"] == 2
+    assert [r["predictor"] for r in results["runs"]] == ["directpred", "none"]
+    assert results["runs"][0]["probes"] == saved["probes"]
+    assert results["runs"][1]["probes"]["epoch"] == [1, 2]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["runs"][0]["probes"] == saved["probes"] and on_disk["complete"]
+    assert (tmp_path / "probes.png").read_bytes()[:8] == PNG_MAGIC
+
+    with pytest.raises(ValueError, match=r"other options \(epochs, probe_epochs\)"):
+        compare.compare(replace(cfg, epochs=3, probe_epochs=[2]), tmp_path, resume=True)
+
+
+def test_cli_resume_of_a_finished_folder_trains_nothing(probe_run, tmp_path, monkeypatch):
+    import shutil
+
+    from directpred_plugin.benchmarks import compare as compare_module
+
+    shutil.copytree(probe_run, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(compare_module, "run_job", lambda *args, **kwargs: pytest.fail("retrained a saved run"))
+    argv = PROBE_ARGV + ["--probe-epochs", "1", "2", "--probe-linear", "--jobs", "2", "--resume",
+                         "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    before = json.loads((probe_run / "results.json").read_text())
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert after["runs"] == before["runs"] and after["untrained"] == before["untrained"]
+    assert after["resumed_runs"] == 6 and after["complete"]
