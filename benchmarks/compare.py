@@ -17,6 +17,9 @@ seed, so the numbers are those of a serial run. The run folder (``--out``, defau
 ``results.json`` (configuration, machine, command, every run with its training curves,
 per-predictor summary), ``results.csv`` (one row per run), ``results.md`` (mean +- std over
 seeds); ``accuracy.png`` and ``curves.png`` when all runs are done (or interrupted).
+``--probe-epochs`` also probes along training: each run's ``probes`` (epoch, kNN and linear
+top-1, the final probes as the last point), early and final numbers in ``results.md`` and
+accuracy vs epoch in ``probes.png``.
 
 The models are assembled from lightly's building blocks as lightly's examples do
 (``methods.py``); ``--framework solo`` builds solo-learn's BYOL instead, the predictor
@@ -51,9 +54,15 @@ from .training import Job, load_data, run_job
 __all__ = ["CompareConfig", "SCHEMA", "compare", "add_arguments", "run"]
 
 
-def compare(cfg: CompareConfig, out: Optional[Path] = None, command: Optional[str] = None) -> Dict[str, Any]:
+#: Options that change how a study runs but not its numbers: a resumed study may change them.
+RESUMABLE_CHANGES = ("jobs", "threads", "progress", "workers")
+
+
+def compare(cfg: CompareConfig, out: Optional[Path] = None, command: Optional[str] = None,
+            resume: bool = False) -> Dict[str, Any]:
     """Train every predictor x seed, evaluate, and write the run folder (when ``out`` is given)
-    after every finished run."""
+    after every finished run. ``resume``: keep the finished runs of ``out/results.json`` (same
+    configuration) and train only the others."""
     cfg.validate()
     device = torch.device(cfg.device)
     data = load_data(cfg)
@@ -79,10 +88,12 @@ def compare(cfg: CompareConfig, out: Optional[Path] = None, command: Optional[st
         "summary": [],
     }
     started = time.perf_counter()
-    finished: Dict[Job, Dict[str, Any]] = {}
+    finished: Dict[Job, Dict[str, Any]] = _finished_runs(results, out) if resume else {}
+    results["resumed_runs"] = len(finished)
 
-    def record(job: Job, result: Dict[str, Any]) -> None:
-        finished[job] = result
+    def record(job: Optional[Job], result: Optional[Dict[str, Any]]) -> None:
+        if job is not None:
+            finished[job] = result
         # In job order whatever the completion order, so a parallel run's files equal a serial run's.
         results["runs"] = [finished[j] for j in jobs if j in finished and j[0] is not None]
         results["untrained"] = [finished[j] for j in jobs if j in finished and j[0] is None]
@@ -91,8 +102,10 @@ def compare(cfg: CompareConfig, out: Optional[Path] = None, command: Optional[st
         if out is not None:
             write_outputs(results, Path(out), plots=False)
 
+    if finished:
+        record(None, None)
     try:
-        _run_jobs(cfg, jobs, record)
+        _run_jobs(cfg, [job for job in jobs if job not in finished], record)
         results["complete"] = True
     finally:
         if hasattr(os, "getloadavg"):
@@ -101,6 +114,28 @@ def compare(cfg: CompareConfig, out: Optional[Path] = None, command: Optional[st
         if out is not None and results["runs"]:
             write_outputs(results, Path(out))
     return results
+
+
+def _finished_runs(results: Dict[str, Any], out: Optional[Path]) -> Dict[Job, Dict[str, Any]]:
+    """The runs a previous ``compare`` of the same configuration saved in ``out``."""
+    import json
+
+    if out is None:
+        raise ValueError("--resume needs --out: the run folder to continue")
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("schema") != SCHEMA:
+        raise ValueError(f"--resume: {path} has schema {saved.get('schema')!r}, this version writes {SCHEMA!r}")
+    differ = sorted(key for key in set(saved["config"]) | set(results["config"])
+                    if key not in RESUMABLE_CHANGES and saved["config"].get(key) != results["config"].get(key))
+    if differ:
+        raise ValueError(f"--resume: {path} was run with other options ({', '.join(differ)}); "
+                         "resume with the same options or choose another --out")
+    finished: Dict[Job, Dict[str, Any]] = {(run["predictor"], run["seed"]): run for run in saved["runs"]}
+    finished.update({(None, run["seed"]): run for run in saved["untrained"]})
+    return finished
 
 
 def _describe(spec: str) -> str:
@@ -213,6 +248,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BYOL's target EMA momentum at step 0, cosine-scheduled to 1 "
                              "(default per dataset: fashion-mnist 0.9, others 0.99)")
     parser.add_argument("--knn-k", type=_positive_int, default=20, help="neighbours of the kNN probe")
+    parser.add_argument("--probe-epochs", nargs="+", type=_positive_int, default=None, metavar="EPOCH",
+                        help="also run the kNN probe after these epochs (e.g. 1 2 4 8), recorded per run with the "
+                             "final probes as the last point and drawn in probes.png (default: the probes after the "
+                             "last epoch only; each point costs an embedding of the training and test images)")
+    parser.add_argument("--probe-linear", action="store_true",
+                        help="fit the linear probe at --probe-epochs too (slower on large training sets)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (cifar10/stl10; default min(8, CPUs))")
@@ -224,6 +265,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "small to gain from more, and next to other busy processes OpenMP's spinning "
                              "threads made 2-thread steps 3-35x slower on a 2-core machine)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/compare-<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run folder --out: keep its finished runs (same options; --jobs and "
+                             "--threads may differ) and train the others")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -233,7 +277,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         seeds=list(args.seeds), framework=args.framework, backbone=args.backbone, epochs=args.epochs,
         batch_size=args.batch_size, proj_dim=args.proj_dim, hidden_dim=args.hidden_dim, subset=args.subset,
         test_subset=args.test_subset, lr=args.lr, weight_decay=args.weight_decay, ema_start=args.ema_start,
-        knn_k=args.knn_k, device=args.device, data_dir=args.data_dir, download=args.download,
+        knn_k=args.knn_k, probe_epochs=args.probe_epochs and sorted(set(args.probe_epochs)),
+        probe_linear=args.probe_linear, device=args.device, data_dir=args.data_dir, download=args.download,
         workers=args.workers, threads=args.threads, jobs=args.jobs, progress=not args.no_progress,
     )
 
@@ -242,9 +287,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = config_from_args(args)
     out = args.out or Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     command = "directpred-bench " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
-    print(f"Writing to {out}/ (results.json, .csv, .md after every run; accuracy.png, curves.png at the end)",
-          flush=True)
-    results = compare(cfg, out, command)
+    pictures = "accuracy.png, curves.png" + (", probes.png" if cfg.probe_epochs else "")
+    print(f"Writing to {out}/ (results.json, .csv, .md after every run; {pictures} at the end)", flush=True)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out: the run folder to continue")
+    results = compare(cfg, out, command, resume=args.resume)
     print(markdown_table(results))
-    print(f"Wrote {out}/results.json, results.csv, results.md, accuracy.png, curves.png")
+    print(f"Wrote {out}/results.json, results.csv, results.md, {pictures}")
     return results

@@ -32,6 +32,8 @@ class CompareConfig:
     warmup_fraction: float = 0.1
     ema_start: Optional[float] = None  # None: the dataset's
     knn_k: int = 20
+    probe_epochs: Optional[List[int]] = None  # also probe after these epochs (None: after the last only)
+    probe_linear: bool = False  # the linear probe at probe_epochs too (the last epoch always has it)
     device: str = "cpu"
     data_dir: str = "data"
     download: bool = False
@@ -81,6 +83,9 @@ class CompareConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for epoch in self.probe_epochs or ():
+            if not isinstance(epoch, int) or epoch < 1 or (self.epochs is not None and epoch > self.epochs):
+                raise ValueError(f"--probe-epochs must lie in 1..--epochs ({self.epochs}), got {epoch!r}")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")

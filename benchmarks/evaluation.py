@@ -25,23 +25,33 @@ def projection_rank(z: Tensor) -> float:
     return float(effective_rank(torch.linalg.svdvals(z - z.mean(0))))
 
 
-def evaluate(method: nn.Module, data: Any, batch_size: int, knn_k: int, device: torch.device,
-             matrix: Optional[Callable[[nn.Module], Tensor]]) -> Dict[str, Optional[float]]:
-    """kNN and linear-probe top-1 of the backbone's features (probes fit on the clean training images,
-    scored on the test images), collapse measures of the test projections and, for a one-matrix
-    predictor, its eigenspace alignment with the correlation of the training projections."""
+def probe_accuracy(method: nn.Module, data: Any, batch_size: int, knn_k: int, device: torch.device,
+                   linear: bool = True) -> Dict[str, Optional[float]]:
+    """kNN and (unless ``linear`` is False) linear-probe top-1 of the backbone's features: fit on the
+    clean training images, scored on the test images. ``linear_top1`` is None when skipped."""
     from .probes import embed, knn_top1, linear_probe_top1
 
     batch = max(batch_size, 256)
     train_x, train_y = embed([method], data.labelled("train", batch, device), method.encode)
     test_x, test_y = embed([method], data.labelled("test", batch, device), method.encode)
-    test_z, _ = embed([method], data.labelled("test", batch, device), method.project)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning on collapsed features
-        metrics: Dict[str, Optional[float]] = {
+        return {
             "knn_top1": knn_top1(train_x, train_y, test_x, test_y, k=knn_k),
-            "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y),
+            "linear_top1": linear_probe_top1(train_x, train_y, test_x, test_y) if linear else None,
         }
+
+
+def evaluate(method: nn.Module, data: Any, batch_size: int, knn_k: int, device: torch.device,
+             matrix: Optional[Callable[[nn.Module], Tensor]]) -> Dict[str, Optional[float]]:
+    """kNN and linear-probe top-1 of the backbone's features (probes fit on the clean training images,
+    scored on the test images), collapse measures of the test projections and, for a one-matrix
+    predictor, its eigenspace alignment with the correlation of the training projections."""
+    from .probes import embed
+
+    batch = max(batch_size, 256)
+    metrics = probe_accuracy(method, data, batch_size, knn_k, device)
+    test_z, _ = embed([method], data.labelled("test", batch, device), method.project)
     metrics["collapse"] = float(collapse_indicator(torch.from_numpy(test_z)))
     metrics["effective_rank"] = projection_rank(torch.from_numpy(test_z))
     metrics["alignment"] = None

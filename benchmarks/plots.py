@@ -93,6 +93,46 @@ def plot_curves(results: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_probes(results: Dict[str, Any], path: Path) -> None:
+    """Probe top-1 on the test images vs epoch per predictor: line = mean over seeds, band = min..max,
+    dashed line = the untrained backbone (mean over seeds). kNN; linear too when it was fitted
+    at more than the final epoch."""
+    plt = _pyplot()
+    runs = [r for r in results["runs"] if r.get("probes")]
+    keys = [("knn_top1", "kNN top-1")]
+    if results["config"].get("probe_linear"):
+        keys.append(("linear_top1", "linear probe top-1"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.4), sharey=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
+        for i, name in enumerate(_predictors(results)):
+            mine = [r["probes"] for r in runs if r["predictor"] == name]
+            if not mine:
+                continue
+            epochs = mine[0]["epoch"]
+            values = 100 * np.array([p[key] for p in mine], dtype=float)
+            ax.plot(epochs, values.mean(0), color=f"C{i}", label=name, marker="o" if len(epochs) < 12 else None)
+            ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{i}", alpha=0.15, lw=0)
+        base = [100 * b[key] for b in results.get("untrained", [])]
+        if base:
+            ax.axhline(float(np.mean(base)), color="gray", ls="--", lw=1, label="untrained backbone")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].set_ylabel("top-1 on the test images (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    seeds = len(results["config"]["seeds"])
+    fig.suptitle(f"{_title(results)}: probes along training\nline = mean over {seeds} "
+                 f"seed{'s' if seeds > 1 else ''}, band = min..max over seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _title(results: Dict[str, Any]) -> str:
     cfg = results["config"]
     method = {"byol": "BYOL", "simsiam": "SimSiam"}.get(cfg.get("method", "byol"), cfg.get("method"))

@@ -1,5 +1,6 @@
 """``compare``'s outputs: the machine description, the per-predictor summary, and the run folder
-(``results.json``, ``results.csv``, ``results.md``, ``accuracy.png``, ``curves.png``)."""
+(``results.json``, ``results.csv``, ``results.md``, ``accuracy.png``, ``curves.png`` and, with
+probes along training, ``probes.png``)."""
 
 from __future__ import annotations
 
@@ -122,9 +123,8 @@ def markdown_table(results: Dict[str, Any]) -> str:
         )
     base = results["untrained"]
     if base:
-        def stats(key: str) -> Tuple[float, Optional[float]]:
-            values = [b[key] for b in base]
-            return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+        def stats(key: str) -> Tuple[Optional[float], Optional[float]]:
+            return _spread([b[key] for b in base])
 
         # No collapse value: an untrained projector's BatchNorm running statistics are still
         # the initial ones, so its eval-mode projections say nothing about collapse.
@@ -161,9 +161,46 @@ def markdown_table(results: Dict[str, Any]) -> str:
         + (f"; total {machine['total_seconds']} s." if results.get("complete", True)
            else f"; {machine.get('total_seconds', 0)} s so far (run incomplete)."),
     ]
+    lines += probe_table(results)
     if results.get("command"):
         lines += ["", f"Command: `{results['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def probe_table(results: Dict[str, Any]) -> List[str]:
+    """Markdown lines: kNN and linear top-1 at the first and the last probe epoch per predictor
+    (none when the runs recorded no probes along training)."""
+    runs = [r for r in results["runs"] if r.get("probes")]
+    if not runs:
+        return []
+    first, last = runs[0]["probes"]["epoch"][0], runs[0]["probes"]["epoch"][-1]
+    lines = [
+        "",
+        f"Along training (probes.png): top-1 (%) after epoch {first} (first probe) and epoch {last} (final), "
+        "probes fit on the clean training images and scored on the test images; mean ± std over seeds.",
+        "",
+        f"| predictor | kNN, epoch {first} | kNN, epoch {last} | linear, epoch {first} | linear, epoch {last} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in results["summary"]:
+        mine = [r["probes"] for r in runs if r["predictor"] == row["predictor"]]
+        cells = [_fmt(*_spread([p[key][at] for p in mine]), 100)
+                 for key in ("knn_top1", "linear_top1") for at in (0, -1)]
+        lines.append(f"| {row['predictor']} | " + " | ".join(cells) + " |")
+    base = results.get("untrained") or ()
+    if base:
+        knn, linear = (_fmt(*_spread([b[key] for b in base]), 100) for key in ("knn_top1", "linear_top1"))
+        lines.append(f"| *untrained backbone* | {knn} | {knn} | {linear} | {linear} |")
+    if not results["config"].get("probe_linear"):
+        lines += ["", "Linear probe before the final epoch: not fitted (`--probe-linear` fits it)."]
+    return lines
 
 
 METHOD_TITLES = {"byol": "BYOL", "simsiam": "SimSiam"}
@@ -171,7 +208,7 @@ METHOD_TITLES = {"byol": "BYOL", "simsiam": "SimSiam"}
 
 def write_outputs(results: Dict[str, Any], out: Path, plots: bool = True) -> None:
     """Write the run folder; ``plots=False`` skips the PNGs (the partial saves after each run)."""
-    from .plots import plot_accuracy, plot_curves
+    from .plots import plot_accuracy, plot_curves, plot_probes
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -185,5 +222,7 @@ def write_outputs(results: Dict[str, Any], out: Path, plots: bool = True) -> Non
         return
     plot_accuracy(results, out / "accuracy.png")
     plot_curves(results, out / "curves.png")
+    if any(r.get("probes") for r in results["runs"]):
+        plot_probes(results, out / "probes.png")
 
 

@@ -20,7 +20,7 @@ from directpred_plugin.functional import collapse_indicator
 
 from .cli import progress_bar
 from .config import CompareConfig
-from .evaluation import evaluate, projection_rank
+from .evaluation import evaluate, probe_accuracy, projection_rank
 from .frameworks import FRAMEWORKS
 from .methods import MethodConfig
 from .predictors import predictor_spec
@@ -86,6 +86,8 @@ def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: 
         torch.cuda.reset_peak_memory_stats(device)
 
     history: Dict[str, List[float]] = {"epoch": [], "loss": [], "collapse": [], "effective_rank": []}
+    probe_epochs = set(cfg.probe_epochs or ())
+    probes: Dict[str, List[Optional[float]]] = {"epoch": [], "knn_top1": [], "linear_top1": []}
     step = 0
     seconds = 0.0
     bar = progress_bar(range(cfg.epochs), desc=f"{predictor} seed {seed}", position=position, leave=False,
@@ -114,9 +116,18 @@ def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: 
         # Over the whole epoch's online projections, outside the timed steps.
         history["effective_rank"].append(projection_rank(torch.cat(projections)))
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", rank=f"{history['effective_rank'][-1]:.1f}")
+        if epoch + 1 in probe_epochs and epoch + 1 < cfg.epochs:
+            # Forked RNG: a DataLoader draws its seed from the global generator, and the probes
+            # must leave the training (its numbers, its timing) as it is without them.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                point = probe_accuracy(method, data, cfg.batch_size, cfg.knn_k, device, linear=cfg.probe_linear)
+            _append_probe(probes, epoch + 1, point)
     bar.close()
 
     metrics = evaluate(method, data, cfg.batch_size, cfg.knn_k, device, predictor_spec(predictor).matrix)
+    if probe_epochs:
+        # The final evaluation is the last point: the same probes on the same model.
+        _append_probe(probes, cfg.epochs, metrics)
     memory, memory_kind = peak_memory_mib(device)
     return {
         "predictor": predictor,
@@ -130,7 +141,14 @@ def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: 
         "predictor_params": _count(method.predictor.parameters()),
         "predictor_buffers": _count(method.predictor.buffers()),
         "history": history,
+        **({"probes": probes} if probe_epochs else {}),
     }
+
+
+def _append_probe(probes: Dict[str, List[Optional[float]]], epoch: int, point: Dict[str, Optional[float]]) -> None:
+    probes["epoch"].append(epoch)
+    probes["knn_top1"].append(point["knn_top1"])
+    probes["linear_top1"].append(point["linear_top1"])
 
 
 def untrained_baseline(cfg: CompareConfig, data: Any, seed: int, device: torch.device) -> Dict[str, Any]:

@@ -175,7 +175,7 @@ def test_parallel_runs_give_the_serial_numbers(tiny_run, tmp_path):
 
 
 def test_results_are_saved_after_every_run(tmp_path, monkeypatch):
-    """An interrupted compare leaves the finished runs on disk, marked incomplete."""
+    """An interrupted compare leaves the finished runs on disk, marked incomplete, with their probes."""
     from directpred_plugin.benchmarks import compare as compare_module
 
     calls = []
@@ -188,15 +188,18 @@ def test_results_are_saved_after_every_run(tmp_path, monkeypatch):
         return real(cfg, job, position)
 
     monkeypatch.setattr(compare_module, "run_job", interrupted)
-    cfg = compare.CompareConfig(predictors=["directpred", "none"], seeds=[0], epochs=1, proj_dim=8, hidden_dim=16,
-                                subset=256, progress=False)
+    cfg = compare.CompareConfig(predictors=["directpred", "none"], seeds=[0], epochs=2, proj_dim=8, hidden_dim=16,
+                                subset=256, probe_epochs=[1], progress=False)
     with pytest.raises(KeyboardInterrupt):
         compare.compare(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results["complete"] and results["planned_runs"] == 2
     assert [r["predictor"] for r in results["runs"]] == ["directpred"] and len(results["untrained"]) == 1
+    assert results["runs"][0]["probes"]["epoch"] == [1, 2]
     assert "incomplete: 1 of 2 runs" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| directpred | " in (tmp_path / "results.md").read_text().split("Along training")[1]
+    for name in ("accuracy.png", "probes.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_simsiam_is_lightlys_without_a_target():
@@ -241,3 +244,112 @@ def test_gain_over_untrained_pairs_runs_with_the_backbone_of_their_seed():
     mean, std = gain_over_untrained({"runs": runs, "untrained": untrained}, "a", "knn_top1")
     assert mean == pytest.approx(0.075) and std == pytest.approx(0.05 / 2**0.5)
     assert gain_over_untrained({"runs": runs, "untrained": []}, "a", "knn_top1") == (None, None)
+
+
+PROBE_ARGV = ["compare", "--epochs", "3", "--seeds", "0", "1", "--predictors", "directpred", "none", "--proj-dim", "8",
+              "--hidden-dim", "16", "--subset", "256", "--threads", "1", "--jobs", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """The tiny run with probes after epochs 1 and 2 (the final epoch 3 adds itself), linear too."""
+    out = tmp_path_factory.mktemp("probes")
+    assert cli.main(PROBE_ARGV + ["--probe-epochs", "2", "1", "--probe-linear", "--out", str(out)]) == 0
+    return out
+
+
+def test_probes_are_recorded_at_the_requested_epochs(probe_run):
+    results = json.loads((probe_run / "results.json").read_text())
+    assert results["config"]["probe_epochs"] == [1, 2] and results["config"]["probe_linear"]
+    assert len(results["runs"]) == 4
+    for run in results["runs"]:
+        probes = run["probes"]
+        assert probes["epoch"] == [1, 2, 3]
+        for key in ("knn_top1", "linear_top1"):
+            assert len(probes[key]) == 3 and all(0.0 <= v <= 1.0 for v in probes[key]), key
+            assert probes[key][-1] == run[key]  # the final evaluation is the last point
+    # the models change between epochs, so the kNN votes do too (not one value copied thrice)
+    assert any(len(set(run["probes"]["knn_top1"])) > 1 for run in results["runs"])
+
+
+def test_probes_leave_the_training_as_it_is(probe_run, tmp_path):
+    assert cli.main(PROBE_ARGV + ["--out", str(tmp_path)]) == 0
+    plain = json.loads((tmp_path / "results.json").read_text())
+    probed = json.loads((probe_run / "results.json").read_text())
+    assert all("probes" not in run for run in plain["runs"])
+    assert not (tmp_path / "probes.png").exists() and "Along training" not in (tmp_path / "results.md").read_text()
+    for a, b in zip(plain["runs"], probed["runs"]):
+        assert a["history"]["loss"] == b["history"]["loss"]
+        assert (a["knn_top1"], a["linear_top1"], a["collapse"]) == (b["knn_top1"], b["linear_top1"], b["collapse"])
+
+
+def test_probe_plot_and_table(probe_run):
+    assert (probe_run / "probes.png").read_bytes()[:8] == PNG_MAGIC
+    results = json.loads((probe_run / "results.json").read_text())
+    table = (probe_run / "results.md").read_text()
+    assert "| predictor | kNN, epoch 1 | kNN, epoch 3 | linear, epoch 1 | linear, epoch 3 |" in table
+    assert "scored on the test images" in table.split("Along training")[1]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    early = [r["probes"]["knn_top1"][0] for r in results["runs"] if r["predictor"] == "directpred"]
+    mean = 100 * sum(early) / len(early)
+    assert rows["directpred"].split(" | ")[1].startswith(f"{mean:.1f} ± ")
+    assert "*untrained backbone*" in rows and "not fitted" not in table
+
+
+def test_probe_epochs_beyond_training_are_refused():
+    with pytest.raises(ValueError, match="--probe-epochs must lie in 1..--epochs"):
+        compare.compare(compare.CompareConfig(epochs=2, probe_epochs=[3], predictors=["none"], seeds=[0],
+                                              progress=False))
+
+
+def test_resume_trains_only_the_missing_runs_and_keeps_the_probes(tmp_path, monkeypatch):
+    from directpred_plugin.benchmarks import compare as compare_module
+
+    cfg = compare.CompareConfig(predictors=["directpred", "none"], seeds=[0], epochs=2, proj_dim=8, hidden_dim=16,
+                                subset=256, probe_epochs=[1], progress=False)
+    real = compare_module.run_job
+    calls = []
+
+    def interrupted(cfg, job, position=1):
+        calls.append(job)
+        if job == ("none", 0):
+            raise KeyboardInterrupt
+        return real(cfg, job, position)
+
+    monkeypatch.setattr(compare_module, "run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+
+    calls.clear()
+    monkeypatch.setattr(compare_module, "run_job", lambda cfg, job, position=1: calls.append(job) or real(cfg, job))
+    from dataclasses import replace
+
+    results = compare.compare(replace(cfg, jobs=2), tmp_path, resume=True)
+    assert calls == [("none", 0)]  # the untrained baseline and directpred came from the folder
+    assert results["complete"] and results["resumed_runs"] == 2
+    assert [r["predictor"] for r in results["runs"]] == ["directpred", "none"]
+    assert results["runs"][0]["probes"] == saved["probes"]
+    assert results["runs"][1]["probes"]["epoch"] == [1, 2]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["runs"][0]["probes"] == saved["probes"] and on_disk["complete"]
+    assert (tmp_path / "probes.png").read_bytes()[:8] == PNG_MAGIC
+
+    with pytest.raises(ValueError, match=r"other options \(epochs, probe_epochs\)"):
+        compare.compare(replace(cfg, epochs=3, probe_epochs=[2]), tmp_path, resume=True)
+
+
+def test_cli_resume_of_a_finished_folder_trains_nothing(probe_run, tmp_path, monkeypatch):
+    import shutil
+
+    from directpred_plugin.benchmarks import compare as compare_module
+
+    shutil.copytree(probe_run, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(compare_module, "run_job", lambda *args, **kwargs: pytest.fail("retrained a saved run"))
+    argv = PROBE_ARGV + ["--probe-epochs", "1", "2", "--probe-linear", "--jobs", "2", "--resume",
+                         "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    before = json.loads((probe_run / "results.json").read_text())
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert after["runs"] == before["runs"] and after["untrained"] == before["untrained"]
+    assert after["resumed_runs"] == 6 and after["complete"]
