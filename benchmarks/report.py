@@ -25,7 +25,7 @@ def machine_description(device: torch.device) -> Dict[str, Any]:
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "device": str(device),
     }
     if device.type == "cuda":
@@ -35,7 +35,8 @@ def machine_description(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -43,7 +44,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def summarize(runs: Sequence[Dict[str, Any]], predictors: Sequence[str]) -> List[Dict[str, Any]]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .methods import LightlyBYOL, LightlySimSiam, MethodConfig
 from .predictors import check_predictor
+from .report import cpu_model
 from .threads import torch_threads
 
 #: ``--backbones`` name -> (``backbones.build_backbone`` name, image size).
@@ -238,20 +239,9 @@ def machine(device: str) -> str:
     if dev.type == "cuda":
         where = f"{torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}"
     else:
-        where = f"{_cpu_name()}, {os.cpu_count()} logical CPUs"
+        where = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
     return (f"{where}; torch {torch.__version__}; {torch.get_num_threads()} torch threads; "
             f"Python {platform.python_version()}; {platform.system()}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def profile_step(backbone: str, method: str, predictor: str, *, batch: int, device: str,
