@@ -34,6 +34,7 @@ class WeightSnapshots:
     def __init__(self) -> None:
         self.generation = 0  # bumped whenever W_p may change
         self._copy: Optional[tuple] = None  # (generation, immutable copy of W_p)
+        self._casts: dict = {}  # that copy in the inputs' other dtypes
         self.new_step()
 
     def new_step(self) -> None:
@@ -46,10 +47,13 @@ class WeightSnapshots:
         self.generation += 1
 
     def drop(self) -> None:
-        """Forget the copy (after a load, a move or a pickle); the step record stays."""
+        """Forget the copies (after a load, a move or a pickle); the step record stays."""
         self._copy = None
+        self._casts = {}
 
-    def for_call(self, weight: Tensor, trainable: bool) -> Tensor:
+    def for_call(self, weight: Tensor, trainable: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The ``W_p`` for a training-mode call, in ``dtype`` (the input's): a buffer ``W_p`` is
+        copied and cast once per refresh, not per call."""
         if self.step_generation is None:
             self.step_generation, self.step_version = self.generation, weight._version
             if trainable:  # the optimizer may have moved W_p since the last step
@@ -58,10 +62,22 @@ class WeightSnapshots:
             self.mixed = True  # a refresh, or an optimizer step inside the step, moved W_p
         if self._copy is None or self._copy[0] != self.generation:
             self._copy = (self.generation, weight.detach().clone())
+            self._casts = {}
         # A trainable W_p is returned as a differentiable copy: a later in-place refresh leaves it.
-        return weight.clone() if trainable else self._copy[1]
+        if trainable:
+            return weight.clone()
+        return self._cast(dtype)
 
-    def for_recomputation(self, weight: Tensor, trainable: bool) -> Tensor:
+    def _cast(self, dtype: Optional[torch.dtype]) -> Tensor:
+        assert self._copy is not None
+        copy = self._copy[1]
+        if dtype is None or dtype == copy.dtype:
+            return copy
+        if dtype not in self._casts:
+            self._casts[dtype] = copy.to(dtype)
+        return self._casts[dtype]
+
+    def for_recomputation(self, weight: Tensor, trainable: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
         if self.step_generation is None or self.mixed or self.untracked or self._copy is None:
             raise RuntimeError(CHECKPOINT_ERROR.format(
                 "W_p changed between the calls of this step (calls_per_update updates inside the step, "
@@ -69,10 +85,10 @@ class WeightSnapshots:
                 if self.mixed else "not every call of this step was a training-mode call with autograd on"))
         if trainable:  # the values of the forward pass, the gradient to the parameter
             return weight + (self._copy[1] - weight).detach()
-        return self._copy[1]
+        return self._cast(dtype)
 
-    def __getstate__(self):
-        return {**self.__dict__, "_copy": None}  # pickling and deepcopy drop the copy of W_p
+    def __getstate__(self):  # pickling and deepcopy drop the copies of W_p
+        return {**self.__dict__, "_copy": None, "_casts": {}}
 
 
 def linear(z: Tensor, weight: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from .refresh import Refresher
 from .schedule import CounterMirror, StepSchedule
 from .state import migrate_state_dict
 from .statistics import RunningStats
+from .streams import SideStream
 
 __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
@@ -42,7 +43,7 @@ class DirectPredHead(OptionAttributes, nn.Module):
         >>> p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
     """
 
-    _version = 3
+    _version = 4
     weight: Tensor
 
     def __init__(self, dim: int, *, rho: float = 0.3, eps: float = 0.01, freq: int = 1,
@@ -68,6 +69,7 @@ class DirectPredHead(OptionAttributes, nn.Module):
         self.schedule = StepSchedule(o.freq, o.calls_per_update)
         self.mirror = CounterMirror()
         self.snapshots = WeightSnapshots()  # within a step only, never saved
+        self.side_stream = SideStream()  # where the step's end runs when a backward pass triggers it
         self._warned: set = set()
 
     # ------------------------------------------------------------------ forward
@@ -86,9 +88,9 @@ class DirectPredHead(OptionAttributes, nn.Module):
     def _training_call(self, z: Tensor) -> Tensor:
         """One training-mode call, eager under torch.compile: the schedule is decided on the host."""
         if inside_backward():  # activation checkpointing recomputes the forward
-            return linear(z, self.snapshots.for_recomputation(self.weight, self.trainable))
+            return linear(z, self.snapshots.for_recomputation(self.weight, self.trainable, z.dtype))
         self._begin_call()
-        weight = self.snapshots.for_call(self.weight, self.trainable)
+        weight = self.snapshots.for_call(self.weight, self.trainable, z.dtype)
         if not (z.requires_grad or self.trainable) and self.options.auto_steps:
             # No backward pass can reach this call, so it is a step of its own.
             self._close(lambda: self.stats.fold_batch(z), in_step=False, empties_pool=False)
@@ -104,7 +106,10 @@ class DirectPredHead(OptionAttributes, nn.Module):
         return out
 
     def _mark_backward(self, grad: Tensor) -> None:
-        self.schedule.mark_backward()
+        # The step's statistics are complete once its backward pass reaches the head: close it
+        # here, beside the rest of the backward pass, not at the next step's first call.
+        if self.schedule.mark_backward():
+            self.side_stream.run(self.weight.device, lambda: self._close(self.stats.fold, in_step=True))
 
     @torch.no_grad()
     def update(self, z: Tensor) -> None:
@@ -126,7 +131,7 @@ class DirectPredHead(OptionAttributes, nn.Module):
         if not self.schedule.begin_call():
             return
         self.snapshots.new_step()  # a backward pass ran: a new step
-        if self.schedule.pool_ended():
+        if self.schedule.pool_ended():  # a step saved after its backward pass by an older release
             self._close(self.stats.fold, in_step=False)
         if self.schedule.take_deferred():
             self._refresh()
@@ -188,6 +193,12 @@ class DirectPredHead(OptionAttributes, nn.Module):
         self.snapshots = WeightSnapshots()
 
     def get_extra_state(self) -> Dict[str, Any]:
+        if self.schedule.calls and self.stats.reduces():
+            raise RuntimeError(
+                f"DirectPredHead cannot be saved with an open pool of {self.schedule.calls} call(s) under "
+                "torch.distributed: each rank holds its own part until the pool is folded. Save between "
+                "steps (with calls_per_update='auto' a step's pool is folded by its backward pass), or after "
+                "a multiple of calls_per_update calls.")
         return {"schedule": self.schedule.state_dict(), "mirror": self.mirror.state_dict()}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ class StepSchedule:
     """Calls, steps and step boundaries of one head; decides when pools close and refreshes run.
 
     ``calls_per_update=None`` (``"auto"``): a pool holds the calls of one training step and
-    closes at the first call after a backward pass reached the head (:meth:`mark_backward`).
+    closes when the step's backward pass reaches the head (:meth:`mark_backward`).
     An integer: a pool closes after that many calls. Every ``freq``-th closed pool (a step,
     whatever became of its statistics) is due a refresh; a head may defer it to the start of
     the next step (``deferred``). Nothing here reads the device.
@@ -48,7 +48,7 @@ class StepSchedule:
         return new_step
 
     def pool_ended(self) -> bool:
-        """At the start of a new step: the open pool is the ended step's ("auto") and must close."""
+        """The open pool is an ended step's ("auto") and must close."""
         return self.calls_per_update is None and self.calls > 0
 
     def add_call(self) -> bool:
@@ -64,8 +64,10 @@ class StepSchedule:
         self.steps += 1
         return self.steps % self.freq == 0
 
-    def mark_backward(self) -> None:
+    def mark_backward(self) -> bool:
+        """A backward pass reached the head; True if that ends an open "auto" pool (close it now)."""
         self.boundary = True
+        return self.pool_ended()
 
     def take_deferred(self) -> bool:
         deferred, self.deferred = self.deferred, False

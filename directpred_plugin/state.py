@@ -1,9 +1,10 @@
 """What a head's checkpoint holds across versions: the checks and the migration a load runs first.
 
-Version 3 (this one) keeps the statistics under ``stats.``, the refresh counters under
-``refresher.`` and the host schedule as extra state. Versions 1 and 2 kept everything in
-flat buffers; :func:`migrate_state_dict` rewrites them into version 3 by the saved
-version number, as ``torch.nn.BatchNorm`` migrates its running statistics.
+Version 4 (this one) keeps the statistics under ``stats.`` (the open pool, which is a rank's
+own, as their extra state), the refresh counters under ``refresher.`` and the host schedule
+as extra state. Version 3 kept the pool as buffers; versions 1 and 2 kept everything in flat
+buffers; :func:`migrate_state_dict` rewrites them by the saved version number, as
+``torch.nn.BatchNorm`` migrates its running statistics.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _DROPPED = ("pending_calls", "pending_closed", "num_empty")
 
 
 def migrate_state_dict(head: Any, state_dict: Dict[str, Any], prefix: str, metadata: Dict[str, Any]) -> None:
-    """Refuse a checkpoint of another configuration; rewrite one of version 1 or 2 into version 3."""
+    """Refuse a checkpoint of another configuration; rewrite one of an earlier version into version 4."""
     where = prefix[:-1] or "the head"
     for key in ("dim", "variant"):
         if key in metadata and metadata[key] != getattr(head.options, key):
@@ -48,8 +49,25 @@ def migrate_state_dict(head: Any, state_dict: Dict[str, Any], prefix: str, metad
             f"dim={head.options.dim} ({where})."
         )
     version = metadata.get("version", 1)
-    if version >= 3 or prefix + "weight" not in state_dict:
+    if version >= 4 or prefix + "weight" not in state_dict:
         return
+    if version < 3:
+        _flat_into_owners(head, state_dict, prefix)
+    _pool_into_extra_state(head, state_dict, prefix)
+
+
+def _pool_into_extra_state(head: Any, state_dict: Dict[str, Any], prefix: str) -> None:
+    """Version 3 kept the open pool as buffers ``stats.pending_*``; version 4 as the statistics' extra state."""
+    names = {"outer": "pending_outer", "total": "pending_sum", "rows": "pending_count"}
+    if head.options.center:
+        names["shift"] = "pending_shift"
+    pool = {field: state_dict.pop(prefix + "stats." + name, None) for field, name in names.items()}
+    if all(isinstance(value, Tensor) for value in pool.values()):
+        state_dict[prefix + "stats." + _EXTRA_STATE_KEY_SUFFIX] = {"pool": pool}
+
+
+def _flat_into_owners(head: Any, state_dict: Dict[str, Any], prefix: str) -> None:
+    """Versions 1 and 2: flat buffers and host mirrors into the owners' names of version 3."""
 
     def pop(name: str) -> Any:
         return state_dict.pop(prefix + name, None)
@@ -58,12 +76,15 @@ def migrate_state_dict(head: Any, state_dict: Dict[str, Any], prefix: str, metad
     for key in [k for k in state_dict if k.startswith(prefix + "refresher.")]:
         del state_dict[key]
     old = {name: pop(name) for name in (*_MOVED, *_DROPPED)}
-    own = head.state_dict(prefix=prefix, keep_vars=True)
+    # what version 1 lacked (no pool, no refresh counters), in the shapes of this head
+    own = {key[len(prefix):]: value for key, value in head.state_dict(prefix=prefix, keep_vars=True).items()}
+    pool = head.stats.pool()
+    own.update({"stats.pending_outer": pool.outer, "stats.pending_sum": pool.total, "stats.pending_count": pool.rows})
     updates = old["num_updates"]
     for name, new in _MOVED.items():
         value = old[name]
-        if value is None and prefix + new in own:  # version 1 had no pool and no refresh counters
-            value = updates.clone() if name == "refreshed_at" else torch.zeros_like(own[prefix + new])
+        if value is None and new in own:
+            value = updates.clone() if name == "refreshed_at" else torch.zeros_like(own[new], device="cpu")
         if value is not None:
             state_dict[prefix + new] = value
     if head.options.center:

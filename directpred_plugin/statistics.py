@@ -9,9 +9,10 @@ over ranks, so the host never waits. :func:`fold_` is the one EMA step, a plain 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .calls import autocast_disabled
@@ -98,22 +99,19 @@ def fold_(
 class RunningStats(nn.Module):
     """``F_hat`` (or the covariance, with ``center``), the running mean, the open pool, the fold.
 
-    :meth:`collect` adds a batch to the open pool (summed over ranks with ``sync_dist``),
-    :meth:`fold` folds and empties it, :meth:`fold_batch` folds one batch as an update of
-    its own. Buffers keep ``stats_dtype`` through ``.half()`` / ``.to(dtype)``.
+    :meth:`collect` adds a batch to the open pool, :meth:`fold` sums the pool over ranks
+    (``sync_dist``: one collective per pool, two with ``center``) and folds and empties it,
+    :meth:`fold_batch` folds one batch as an update of its own. The pool is this rank's own
+    until the fold, so it is not a buffer (DDP's buffer broadcast would overwrite it with
+    rank 0's); it is saved as extra state. Buffers keep ``stats_dtype`` through
+    ``.half()`` / ``.to(dtype)``.
     """
 
     corr: Tensor
     mean: Tensor
-    pending_outer: Tensor
-    pending_sum: Tensor
-    pending_count: Tensor
-    pending_shift: Tensor
     num_updates: Tensor
     num_skipped: Tensor
     last_collapse: Tensor
-
-    _POOL = ("pending_outer", "pending_sum", "pending_count")
 
     def __init__(self, dim: int, *, rho: float, center: bool, stats_dtype: torch.dtype,
                  sync_dist: bool, process_group: Optional[Any]) -> None:
@@ -123,39 +121,56 @@ class RunningStats(nn.Module):
         self.register_buffer("corr", torch.zeros(dim, dim, dtype=stats_dtype))
         if center:
             self.register_buffer("mean", torch.zeros(dim, dtype=stats_dtype))
-        self.register_buffer("pending_outer", torch.zeros(dim, dim, dtype=stats_dtype))
-        self.register_buffer("pending_sum", torch.zeros(dim, dtype=stats_dtype))
-        self.register_buffer("pending_count", torch.zeros((), dtype=stats_dtype))
-        if center:
-            self.register_buffer("pending_shift", torch.zeros(dim, dtype=stats_dtype))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
         # a diagnostic of the local batch, not state that ranks or checkpoints share
         self.register_buffer("last_collapse", torch.full((), float("nan")), persistent=False)
+        self._pool, self._shift = self._empty_pool(torch.device("cpu"))
+        self._unclaimed: Optional[Pool] = None  # a loaded pool not yet known to be this rank's
 
     # ------------------------------------------------------------------ pool
+    def _empty_pool(self, device: torch.device) -> Tuple[Pool, Optional[Tensor]]:
+        dim, dtype = self.corr.shape[0], self.stats_dtype
+        pool = Pool(torch.zeros(dim, dim, dtype=dtype, device=device), torch.zeros(dim, dtype=dtype, device=device),
+                    torch.zeros((), dtype=dtype, device=device))
+        return pool, (torch.zeros(dim, dtype=dtype, device=device) if self.center else None)
+
     def pool(self) -> Pool:
-        return Pool(self.pending_outer, self.pending_sum, self.pending_count)
+        """This rank's open pool (moments about :meth:`shift` with ``center``)."""
+        return self._pool
+
+    def shift(self) -> Optional[Tensor]:
+        return self._shift
+
+    def reduces(self) -> bool:
+        """Whether a fold sums the pool over ranks (``sync_dist`` and more than one rank)."""
+        return self.sync_dist and world_size(self.process_group) > 1
 
     def collect(self, z: Tensor, *, opens_pool: bool) -> None:
         """Add the rows of ``z`` to the open pool (``opens_pool``: its first call since a fold)."""
-        self._add(self.pool(), self.pending_shift if self.center else None, z, opens_pool)
+        self._add(self._pool, self._shift, z, opens_pool)
 
     def fold(self) -> None:
-        """Fold the open pool into the estimate and empty it."""
-        self._fold(self.pool(), self.pending_shift if self.center else None)
-        for name in self._POOL:
-            getattr(self, name).zero_()
+        """Sum the open pool over ranks, fold it into the estimate and empty it."""
+        pool, shift = self._pool, self._shift
+        if self._unclaimed is not None:  # loaded before the ranks were known: rank 0's alone
+            if self.reduces() and _rank(self.process_group) != 0:
+                for mine, loaded in zip(pool, self._unclaimed):
+                    mine.sub_(loaded)
+            self._unclaimed = None
+        self._fold(pool, shift)
+        for tensor in pool:
+            tensor.zero_()
 
     def fold_batch(self, z: Tensor) -> None:
         """Fold the rows of ``z`` as an update of their own; the open pool is left as it is."""
-        zeros = [torch.zeros_like(getattr(self, name)) for name in self._POOL]
-        pool = Pool(*zeros)
-        shift = torch.zeros_like(self.pending_shift) if self.center else None
+        pool, shift = self._empty_pool(z.device)
         self._add(pool, shift, z, True)
         self._fold(pool, shift)
 
     def _fold(self, pool: Pool, shift: Optional[Tensor]) -> None:
+        if self.reduces():
+            pool, shift = _all_reduce_pool(pool, shift, self.mean if self.center else None, self.process_group)
         result = fold_(self.corr, self.mean if self.center else None, self.num_updates, pool, self.rho, shift)
         self.num_skipped.add_(result.skipped)
 
@@ -174,26 +189,21 @@ class RunningStats(nn.Module):
             rows = torch.where(underflow, float("nan"), rows)
             collapse = collapse_indicator(x, largest).to(self.last_collapse.dtype)
             self.last_collapse.copy_(torch.where(collapse.isfinite(), collapse, self.last_collapse))
-        reduce = self.sync_dist and world_size(self.process_group) > 1
         if shift is not None:
-            # The pool's shift is the mean (over ranks) of its first batch with rows, so that its
-            # moments are small wherever the data sit; it changes only while the pool is empty.
-            batch_sum = torch.cat([x.sum(dim=0), rows.nan_to_num(0.0).reshape(1)])
-            if reduce:
-                all_reduce_sum_(batch_sum, self.process_group)
-            count = batch_sum[-1]
-            empty = (pool.rows == 0) if not opens_pool else torch.ones((), dtype=torch.bool, device=x.device)
-            batch_mean = batch_sum[:-1] / count.clamp_min(1)
-            shift.copy_(torch.where(empty & (count > 0), batch_mean, torch.where(empty, self.mean, shift)))
+            # The pool's shift is the mean of its first batch with rows, so that its moments are
+            # small wherever the data sit; it changes only while the pool is empty.
+            if opens_pool:
+                empty = torch.ones((), dtype=torch.bool, device=x.device)
+            else:
+                empty = pool.rows == 0
+            if x.shape[0]:
+                shift.copy_(torch.where(empty, x.sum(dim=0) / x.shape[0], shift))
+            else:
+                shift.copy_(torch.where(empty, self.mean, shift))
             x = x - shift
-        if reduce:  # summed over ranks as they join the pool: every rank holds the same pool
-            moments = _all_reduce_pool(Pool(x.mT @ x, x.sum(dim=0), rows), self.process_group)
-            for mine, theirs in zip(pool, moments):
-                mine.add_(theirs)
-        else:
-            pool.outer.addmm_(x.mT, x)
-            pool.total.add_(x.sum(dim=0))
-            pool.rows.add_(rows)
+        pool.outer.addmm_(x.mT, x)
+        pool.total.add_(x.sum(dim=0))
+        pool.rows.add_(rows)
 
     # ------------------------------------------------------------ bookkeeping
     def reset_running_stats(self) -> None:
@@ -202,6 +212,29 @@ class RunningStats(nn.Module):
                 buffer.fill_(float("nan"))
             else:
                 buffer.zero_()
+        self._pool, self._shift = self._empty_pool(self.corr.device)
+        self._unclaimed = None
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        pool = dict(self._pool._asdict())
+        if self._shift is not None:
+            pool["shift"] = self._shift
+        return {"pool": {name: tensor.detach().clone() for name, tensor in pool.items()}}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        saved = state["pool"]
+        device = self.corr.device
+        pool = Pool(*(saved[name].to(device=device, dtype=self.stats_dtype).clone() for name in Pool._fields))
+        shift = saved["shift"].to(device=device, dtype=self.stats_dtype).clone() if self.center else None
+        self._unclaimed = None
+        if self.sync_dist and dist.is_available() and dist.is_initialized():
+            # A saved pool is the whole pool of its run: rank 0 continues it, the other ranks start empty.
+            if self.reduces() and _rank(self.process_group) != 0:
+                for tensor in pool:
+                    tensor.zero_()
+        elif self.sync_dist:  # the ranks are not known yet: decided at the first fold
+            self._unclaimed = Pool(*(tensor.clone() for tensor in pool))
+        self._pool, self._shift = pool, shift
 
     def _apply(self, fn, recurse=True):
         # Statistics keep their dtype through .half()/.to(dtype): only their device follows.
@@ -211,12 +244,40 @@ class RunningStats(nn.Module):
             new = getattr(self, name)
             if new.dtype != old.dtype:
                 setattr(self, name, old.to(device=new.device))
+        device = self.corr.device
+        self._pool = Pool(*(tensor.to(device) for tensor in self._pool))
+        if self._shift is not None:
+            self._shift = self._shift.to(device)
+        if self._unclaimed is not None:
+            self._unclaimed = Pool(*(tensor.to(device) for tensor in self._unclaimed))
         return self
 
 
-def _all_reduce_pool(pool: Pool, group: Optional[Any]) -> Pool:
-    """One collective for the whole pool: ``[outer | total | count]``."""
+def _all_reduce_pool(pool: Pool, shift: Optional[Tensor], mean: Optional[Tensor],
+                     group: Optional[Any]) -> Tuple[Pool, Optional[Tensor]]:
+    """The pool summed over ranks, in one collective ``[outer | total | rows]``.
+
+    With ``shift`` (each rank's moments are about its own shift) a first, small collective
+    finds the common shift (the row-weighted mean of the ranks' shifts; the running mean if
+    no rank has rows) and each rank moves its moments to it before they are summed.
+    """
     dim = pool.total.shape[0]
+    if shift is not None:
+        assert mean is not None
+        rows = pool.rows.nan_to_num(0.0)  # an underflowed pool stays NaN in the sum below
+        weighted = torch.cat([shift * rows, rows.reshape(1)])
+        all_reduce_sum_(weighted, group)
+        count = weighted[-1]
+        common = torch.where(count > 0, weighted[:-1] / count.clamp_min(1), mean)
+        # sum (x - c)(x - c)^T = sum (x - s)(x - s)^T + T d^T + d T^T + n d d^T, with d = s - c
+        delta = torch.where(rows > 0, shift - common, torch.zeros_like(shift))
+        outer = pool.outer + torch.outer(pool.total, delta) + torch.outer(delta, pool.total + rows * delta)
+        pool = Pool(outer, pool.total + rows * delta, pool.rows)
+        shift = common
     packed = torch.cat([pool.outer.flatten(), pool.total, pool.rows.reshape(1)])
     all_reduce_sum_(packed, group)
-    return Pool(packed[: dim * dim].view(dim, dim), packed[dim * dim : dim * dim + dim], packed[-1])
+    return Pool(packed[: dim * dim].view(dim, dim), packed[dim * dim : dim * dim + dim], packed[-1]), shift
+
+
+def _rank(group: Optional[Any]) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0

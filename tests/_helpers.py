@@ -28,10 +28,18 @@ def snapshot(head):
 def assert_same_state(a, b, ignore=()):
     assert set(a) - set(ignore) == set(b) - set(ignore)
     for key in set(a) - set(ignore):
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
+        assert _same(a[key], b[key]), key
+
+
+def _same(a, b):
+    """Equal values, tensors bit for bit, through the dicts and lists of extra state."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 class TinyBYOL(nn.Module):

@@ -1,7 +1,8 @@
 """Train the tiny lightly BYOL with Lightning DDP on CPU (2 processes, gloo); every rank saves its head.
 
-Run by tests/test_lightly.py as ``python lightly_ddp_script.py OUT_DIR [--no-sync]``;
-Lightning's ``strategy="ddp"`` re-runs this command for rank 1.
+Run by tests/test_lightly.py as ``python lightly_ddp_script.py OUT_DIR [--no-sync] [--auto-no-broadcast]``
+(``--auto-no-broadcast``: ``calls_per_update="auto"`` under ``DDPStrategy(broadcast_buffers=False)``,
+the setting the docs suggest); Lightning re-runs this command for rank 1.
 """
 
 import sys
@@ -28,12 +29,13 @@ class RecordHead(pl.Callback):
             self.first_batch = batch[0][0].clone()
 
 
-def main(out_dir, sync_dist):
+def main(out_dir, sync_dist, auto_no_broadcast):
     pl.seed_everything(0, verbose=False)
-    model = byol_class(pl)(calls_per_update=2, sync_dist=sync_dist)
+    model = byol_class(pl)(calls_per_update="auto" if auto_no_broadcast else 2, sync_dist=sync_dist)
     record = RecordHead()
+    strategy = pl.strategies.DDPStrategy(broadcast_buffers=False) if auto_no_broadcast else "ddp"
     trainer = pl.Trainer(
-        strategy="ddp",
+        strategy=strategy,
         devices=2,
         max_steps=STEPS,
         logger=False,
@@ -57,4 +59,4 @@ def main(out_dir, sync_dist):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sync_dist="--no-sync" not in sys.argv[2:])
+    main(sys.argv[1], sync_dist="--no-sync" not in sys.argv[2:], auto_no_broadcast="--auto-no-broadcast" in sys.argv[2:])

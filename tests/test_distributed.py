@@ -38,11 +38,17 @@ def _worker(rank, world, port, out_dir, kwargs):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         head = DirectPredHead(DIM, **kwargs)
-        for z in _rank_batches(rank):
+        for z in _rank_batches(rank)[:_whole_pools(kwargs)]:
             head(z.requires_grad_(True))
         torch.save(head.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _whole_pools(kwargs):
+    """The calls that make whole pools: an open pool is a rank's own and is not saved under DDP."""
+    per_pool = kwargs.get("calls_per_update", 1)
+    return STEPS - STEPS % per_pool
 
 
 def _run_two_ranks(tmp_path, **kwargs):
@@ -55,14 +61,16 @@ def _run_two_ranks(tmp_path, **kwargs):
 def test_two_ranks_match_single_process_on_concatenated_batches(tmp_path, calls_per_update):
     kwargs = dict(freq=2, center=True, stats_dtype=torch.float64, calls_per_update=calls_per_update)
     states = _run_two_ranks(tmp_path, **kwargs)
-    assert_same_state(states[0], states[1])
+    # the empty pools keep each rank's own last shift: everything else is shared
+    assert_same_state(states[0], states[1], ignore=["stats._extra_state"])
 
     single = DirectPredHead(DIM, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skip is counted below
-        for z0, z1 in zip(_rank_batches(0), _rank_batches(1)):
+        for z0, z1 in list(zip(_rank_batches(0), _rank_batches(1)))[:_whole_pools(kwargs)]:
             single(torch.cat([z0, z1]).requires_grad_(True))
     expected = single.state_dict()
+    del expected["stats._extra_state"]
     for key in expected:
         if isinstance(expected[key], torch.Tensor):
             torch.testing.assert_close(states[0][key], expected[key], rtol=1e-10, atol=1e-12, msg=key)
@@ -77,3 +85,116 @@ def test_sync_dist_off_keeps_ranks_independent(tmp_path):
     states = _run_two_ranks(tmp_path, sync_dist=False)
     assert not torch.allclose(states[0]["stats.corr"], states[1]["stats.corr"])
     assert int(states[0]["stats.num_skipped"]) == 0 and int(states[1]["stats.num_skipped"]) == 1
+
+
+# ------------------------------------------------------------- one collective per pool, under DDP
+AUTO_STEPS = 4
+
+
+def _views(rank, step):
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    size = 6 if rank == 0 else 9
+    return [torch.randn(size, DIM, generator=gen, dtype=torch.float64) * (1 + torch.arange(DIM)) for _ in range(2)]
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        torch.manual_seed(0)  # the same projector on every rank and in the single process
+        self.projector = torch.nn.Linear(DIM, DIM).double()
+        self.head = DirectPredHead(DIM, **kwargs)
+
+    def forward(self, x):
+        return self.head(self.projector(x))
+
+
+def _ddp_worker(rank, world, port, out_dir, kwargs):
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    reduced = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        reduced.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    try:
+        model = _Model(**kwargs)
+        # broadcast_buffers=True (DDP's default) broadcasts rank 0's buffers at every forward
+        ddp = DistributedDataParallel(model, broadcast_buffers=True)
+        dist.all_reduce = counting
+        for step in range(AUTO_STEPS):
+            outs = [ddp(x) for x in _views(rank, step)]  # one DDP forward per view
+            sum(out.pow(2).mean() for out in outs).backward()
+        dist.all_reduce = original
+        model(_views(rank, AUTO_STEPS)[0])  # a call whose step is still open: the pool is this rank's
+        try:
+            model.head.state_dict()
+            refused = None
+        except RuntimeError as err:
+            refused = str(err)
+        model.head.schedule.calls = 0  # only to save what was folded
+        torch.save({"state": model.head.state_dict(), "reduced": reduced, "refused": refused},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.all_reduce = original
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("center", [False, True])
+def test_ddp_makes_one_collective_per_pool_and_ranks_match_the_single_process(tmp_path, center):
+    kwargs = dict(calls_per_update="auto", center=center, stats_dtype=torch.float64, freq=1)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), kwargs), nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for entry in saved:
+        # one sum of the pool per step (and a first, small one for the common shift with center)
+        per_step = [DIM * DIM + DIM + 1] if not center else [DIM + 1, DIM * DIM + DIM + 1]
+        assert entry["reduced"] == per_step * AUTO_STEPS
+        assert entry["refused"] is not None and "open pool" in entry["refused"]
+    assert_same_state(saved[0]["state"], saved[1]["state"], ignore=["stats._extra_state"])
+
+    single = _Model(**kwargs)
+    for step in range(AUTO_STEPS):
+        per_view = zip(*(_views(rank, step) for rank in range(2)))
+        outs = [single(torch.cat(parts)) for parts in per_view]
+        sum(out.pow(2).mean() for out in outs).backward()
+    expected = single.head.state_dict()
+    for key in ("stats.corr", "weight", "stats.num_updates") + (("stats.mean",) if center else ()):
+        torch.testing.assert_close(saved[0]["state"][key], expected[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def _resume_worker(rank, world, port, out_dir, checkpoint, init_before_load):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    head = DirectPredHead(DIM, calls_per_update=2, center=True, stats_dtype=torch.float64)
+    if init_before_load:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    head.load_state_dict(torch.load(checkpoint, weights_only=True))
+    if not init_before_load:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head(_rank_batches(rank)[0].double().requires_grad_(True))  # closes the loaded pool
+        torch.save(head.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("init_before_load", [True, False], ids=["load-after-init", "load-before-init"])
+def test_a_pool_saved_by_one_process_is_continued_once_by_two_ranks(tmp_path, init_before_load):
+    """A saved open pool is the whole pool of its run: rank 0 continues it, not every rank."""
+    saved = DirectPredHead(DIM, calls_per_update=2, center=True, stats_dtype=torch.float64)
+    first = torch.randn(7, DIM, dtype=torch.float64) + 3
+    saved(first.requires_grad_(True))
+    torch.save(saved.state_dict(), tmp_path / "open.pt")
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path / "open.pt"), init_before_load),
+             nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = DirectPredHead(DIM, calls_per_update=1, center=True, stats_dtype=torch.float64)
+    single(torch.cat([first.detach(), _rank_batches(0)[0].double(), _rank_batches(1)[0].double()]).requires_grad_(True))
+    for state in states:
+        assert int(state["stats.num_updates"]) == 1
+        torch.testing.assert_close(state["stats.corr"], single.corr, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(state["stats.mean"], single.mean, rtol=1e-10, atol=1e-12)

@@ -8,6 +8,7 @@ all of these against a reference model are in ``test_model.py``.
 """
 
 import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -353,8 +354,8 @@ def test_compiled_byol_steps_match_eager_without_recompiling(device, trainable, 
         torch.testing.assert_close(compiled_model.head.corr, eager.head.corr, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled_model.head.weight, eager.head.weight, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
-    assert int(compiled_model.head.num_updates) == steps - 1  # the last step's pool is still open
-    assert int(compiled_model.head.refreshed_at) == (steps - 2 if trainable else steps - 1)
+    assert int(compiled_model.head.num_updates) == steps  # each backward pass folded its step
+    assert int(compiled_model.head.refreshed_at) == (steps - 2 if trainable else steps)  # trainable (freq 2): the last one deferred
 
 
 def test_training_step_breaks_the_graph_at_most_once_per_head_call():
@@ -412,7 +413,7 @@ def test_non_reentrant_checkpointing_gives_the_gradients_of_the_unchecked_run(tr
             opt.step()
         assert torch.equal(checked.head.weight, plain.head.weight)
         assert torch.equal(checked.head.corr, plain.head.corr)
-    assert int(checked.head.num_updates) == (3 if calls_per_update == "auto" else 4)  # none from recomputation
+    assert int(checked.head.num_updates) == 4  # one per step, none from recomputation
 
 
 @pytest.mark.parametrize("checkpointed", ["both", "first", "second"])
@@ -493,12 +494,11 @@ def test_auto_makes_one_pooled_update_per_step_equal_to_the_reference(device, si
     for step in range(5):
         crops = [c.to(device) for c in multi_crop(step, sizes)]
         outputs = byol_step(head, crops)
-        # the step's pool is folded by the next step's first call
-        assert int(head.num_updates) == step and head.schedule.calls == len(sizes)
+        # the step's backward pass folded its pool
+        assert int(head.num_updates) == step + 1 and head.schedule.calls == 0
         for out, z in zip(outputs, crops):
             np.testing.assert_allclose(out.cpu().numpy(), ref.output(z.cpu().numpy()), rtol=1e-9, atol=1e-9)
         ref.fold(torch.cat(crops).cpu().numpy())
-    byol_step(head, [multi_crop(5, sizes)[0].to(device)])  # folds step 4's pool
     assert int(head.num_updates) == 5
     np.testing.assert_allclose(head.corr.cpu().numpy(), ref.F, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(head.weight.cpu().numpy(), ref.W, rtol=1e-9, atol=1e-9)
@@ -511,7 +511,6 @@ def test_auto_with_gradient_accumulation_makes_one_update_per_backward_pass():
     for crops in micro_batches:  # two micro-batches per optimizer step: each has its backward
         byol_step(head, crops)
         ref.fold(torch.cat(crops).numpy())
-    byol_step(head, [micro_batches[0][0]])
     assert int(head.num_updates) == len(micro_batches)
     np.testing.assert_allclose(head.weight.numpy(), ref.W, rtol=1e-9, atol=1e-9)
 
@@ -540,8 +539,8 @@ def test_auto_sees_backward_passes_that_do_not_reach_every_input(kind):
             zs = [z.detach() for z in zs]  # the loss reaches only W_p
         outputs = [head(z) for z in zs]
         _backward_that_misses_the_input(kind, head, outputs, zs)
-        assert int(head.num_updates) == step  # the previous step's pool was folded at this step's start
-    assert head.schedule.steps == 3 and head.schedule.calls == 2
+        assert int(head.num_updates) == step + 1  # the backward pass reached the head and folded the step
+    assert head.schedule.steps == 4 and head.schedule.calls == 0
 
 
 def test_a_training_call_no_backward_can_reach_is_a_step_of_its_own():
@@ -610,13 +609,12 @@ def _reference_after(steps, **options):
 
 
 def _check(head, steps, **options):
-    """All complete steps but the last are folded; the last one sits in the pool."""
-    folded, pending = steps[:-1], steps[-1]
-    ref = _reference_after(folded, **options)
-    assert int(head.num_updates) == len(folded)
+    """Every step whose backward pass ran is folded; nothing is left in the pool."""
+    ref = _reference_after(steps, **options)
+    assert int(head.num_updates) == len(steps)
     np.testing.assert_allclose(head.corr.numpy(), ref.F, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(head.weight.numpy(), ref.W, rtol=1e-8, atol=1e-10)
-    assert int(head.stats.pending_count) == sum(len(v) for v in pending)
+    assert head.schedule.calls == 0
 
 
 @pytest.mark.parametrize("crops", [[16, 16], [16, 16, 6, 6, 6, 6]], ids=["two-views", "multi-crop-2+4"])
@@ -694,7 +692,7 @@ def test_auto_grouping_under_torch_compile_matches_eager():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    assert int(compiled_head.num_updates) == int(eager_head.num_updates) == 3
+    assert int(compiled_head.num_updates) == int(eager_head.num_updates) == 4
     torch.testing.assert_close(compiled_head.corr, eager_head.corr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_head.weight, eager_head.weight, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
@@ -728,3 +726,32 @@ def test_cuda_steady_state_training_never_waits_for_the_device(compiled):
     exact = directpred_matrix(head.corr.double().cpu().numpy(), head.eps)
     error = np.linalg.norm(head.weight.double().cpu().numpy() - exact) / np.linalg.norm(exact)
     assert error <= 0.011
+
+
+# ------------------------------------------------------------ the step's end, beside backward
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_step_is_folded_and_refreshed_when_its_backward_pass_reaches_the_head(device):
+    """The backbone's part of the backward pass runs after the fold and refresh were issued."""
+    torch.manual_seed(0)
+    backbone = nn.Linear(5, DIM).to(device)
+    head = DirectPredHead(DIM, calls_per_update="auto").to(device)
+    reference = DirectPredHead(DIM, calls_per_update=2).to(device)
+    seen = []
+    for step in range(3):
+        x = torch.randn(16, 5, device=device, requires_grad=True)
+        x.register_hook(lambda grad: seen.append((int(head.num_updates), int(head.refreshed_at))))
+        z = backbone(x)
+        outs = [head(z), head(2 * z)]
+        sum(out.pow(2).mean() for out in outs).backward()
+        reference(z.detach()), reference(2 * z.detach())  # the same pool, closed by its second call
+        assert torch.equal(head.weight, reference.weight) and torch.equal(head.corr, reference.corr)
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+    if device.startswith("cuda"):  # issued on the head's side stream, waited for by backward's end
+        assert head.side_stream._streams
+
+
+def test_the_side_stream_is_not_copied_with_the_head():
+    head = DirectPredHead(DIM, calls_per_update="auto")
+    head.side_stream._streams[0] = object()  # what a CUDA run leaves behind
+    assert copy.deepcopy(head).side_stream._streams == {}
+    assert pickle.loads(pickle.dumps(head)).side_stream._streams == {}

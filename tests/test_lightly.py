@@ -22,6 +22,7 @@ from lightly.models.modules import (
 from torch import nn
 from torch.utils.data import DataLoader
 
+from _helpers import assert_same_state
 from _lightly_models import DIM, TwoViews, byol_class, quiet_trainer_options
 from directpred_plugin import DirectPredHead
 from directpred_plugin import lightly as adapter
@@ -90,8 +91,8 @@ def test_renamed_byol_head_trains_in_a_lightning_trainer(tmp_path):
     assert trainer.global_step == 3 and all(torch.isfinite(torch.tensor(recorder.losses)))
     head = model.prediction_head
     assert type(head) is DirectPredPredictionHead and list(head.parameters()) == []
-    # one update per step ("auto"); the third step's pool waits for a fourth step's first call
-    assert int(head.num_updates) == 2 and head.schedule.calls == 2
+    # one update per step ("auto"), folded when the step's backward pass reached the head
+    assert int(head.num_updates) == 3 and head.schedule.calls == 0
     assert (head.weight - torch.eye(DIM)).abs().max() > 0.05
 
 
@@ -219,12 +220,7 @@ def _head_state(model):
 
 
 def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
+    assert_same_state(a, b)
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
@@ -253,10 +249,12 @@ def test_checkpoint_resume_restores_head_exactly(tmp_path):
 
 # --------------------------------------------------------------------------------- DDP
 @pytest.mark.timeout(240)
-def test_lightning_ddp_ranks_hold_identical_predictor(tmp_path):
+@pytest.mark.parametrize("setting", [[], ["--auto-no-broadcast"]], ids=["calls2-broadcast", "auto-no-broadcast"])
+def test_lightning_ddp_ranks_hold_identical_predictor(tmp_path, setting):
     script = TESTS / "lightly_ddp_script.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=220, cwd=tmp_path
+        [sys.executable, str(script), str(tmp_path), *setting], capture_output=True, text=True, timeout=220,
+        cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -387,10 +385,10 @@ def test_recipe_smoke_on_digits(tmp_path, monkeypatch, name):
     ])
     assert trainer.global_step == 2
     head = model.prediction_head
-    # Two views per step, one update per step (the default "auto" pools them); the second
-    # step's pool is folded by the first call of a third step, which this run does not make.
+    # Two views per step, one update per step (the default "auto" pools them), folded when
+    # the step's backward pass reached the head.
     assert isinstance(head, DirectPredPredictionHead) and head.calls_per_update == "auto"
-    assert int(head.num_updates) == 1 and head.schedule.calls == 2
+    assert int(head.num_updates) == 2 and head.schedule.calls == 0
     assert not any(isinstance(m, (BYOLPredictionHead, SimSiamPredictionHead)) for m in model.modules())
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     metrics = next(Path(tmp_path).rglob("metrics.csv")).read_text()

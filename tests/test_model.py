@@ -93,11 +93,15 @@ class ContractModel:
             return
         self.boundary = False
         self.step_attempts, self.untracked = [], 0
-        if self.auto and self.pool:
-            self.close(in_step=False)
         if self.deferred:
             self.deferred = False
             self.refresh()
+
+    def backward_reached(self):
+        """A backward pass reached the head: with "auto" the step's pool closes now."""
+        self.boundary = True
+        if self.auto and self.pool:
+            self.close(in_step=True)
 
     def call(self, x, reachable):
         """A training-mode call; returns the W its output uses."""
@@ -309,7 +313,8 @@ class HeadMachine(RuleBasedStateMachine):
         if recomputes and not self.model.recomputable():
             with pytest.raises(RuntimeError, match="cannot be recomputed exactly"):
                 self.run(lambda: loss.backward())
-            self.model.boundary = True  # the hooks of the calls before the failure saw it
+            self.model.backward_reached()  # the outputs' hooks run before the recomputation fails
+            self.rejected(rejections)
             return
         targets = [z for z, *_ in pending if z.requires_grad][:1] or [self.head.weight]
         grads = {}
@@ -319,8 +324,8 @@ class HeadMachine(RuleBasedStateMachine):
             self.run(lambda: loss.backward(inputs=targets))
         else:
             grads = dict(zip(map(id, targets), self.run(lambda: torch.autograd.grad(loss, targets))))
+        self.model.backward_reached()
         self.rejected(rejections)
-        self.model.boundary = True
         for z, out, w, x, _ in pending:
             if not z.requires_grad:
                 continue

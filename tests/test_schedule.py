@@ -23,13 +23,20 @@ def test_integer_pools_close_after_that_many_calls_and_refresh_every_freq_steps(
     assert schedule.steps == 4 and schedule.calls == 0
 
 
-def test_auto_pool_closes_at_the_first_call_after_a_backward_pass():
+def test_auto_pool_closes_when_the_backward_pass_reaches_the_head():
     schedule = StepSchedule(freq=1, calls_per_update=None)
     assert not schedule.begin_call() and not schedule.add_call()
     assert not schedule.begin_call() and not schedule.add_call()  # second view, same step
-    schedule.mark_backward()
-    assert schedule.begin_call() and schedule.pool_ended()
+    assert schedule.mark_backward()  # the first hook of the step's backward pass closes the pool
     assert schedule.close() and schedule.calls == 0 and schedule.steps == 1
+    assert not schedule.mark_backward()  # later hooks of that backward pass: nothing left to close
+    assert schedule.begin_call() and not schedule.pool_ended()  # the next call starts a new step
+
+
+def test_integer_pools_are_not_closed_by_a_backward_pass():
+    schedule = StepSchedule(freq=1, calls_per_update=2)
+    schedule.add_call()
+    assert not schedule.mark_backward() and schedule.calls == 1
 
 
 def test_a_batch_folded_beside_the_open_pool_is_a_step_that_keeps_the_pool():

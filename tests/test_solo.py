@@ -454,6 +454,11 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     assert all(isinstance(head, DirectPredHead) for head in heads.values())
     trainable = cfg.method_kwargs.directpred.get("trainable", False)
     before = {attr: head.weight.detach().clone() for attr, head in heads.items()}
+    calls = {attr: [] for attr in heads}  # training-mode calls of each head, per step
+    for attr, head in heads.items():
+        head.register_forward_pre_hook(
+            lambda module, args, seen=calls[attr]: seen.append(module.schedule.steps)
+            if module.training and torch.is_grad_enabled() else None)
 
     trainer = fit(model, precision=precision)
 
@@ -465,10 +470,11 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     for attr, head in heads.items():
         assert getattr(model, attr) is head
         # one update per training step: every view of a step pooled, validation changes
-        # nothing; with "auto" the last step's pool is folded by the next step's first call
+        # nothing; with "auto" each step's pool is folded by its backward pass
         assert head.calls_per_update == "auto"
-        assert int(head.num_updates) == STEPS - 1, attr
-        assert head.schedule.calls == METHOD_PREDICTORS[method][attr](model), attr
+        assert int(head.num_updates) == STEPS, attr
+        assert head.schedule.calls == 0, attr
+        assert calls[attr].count(STEPS - 1) == METHOD_PREDICTORS[method][attr](model), attr  # the last step's
         assert not torch.allclose(head.weight, before[attr]), attr
         assert torch.isfinite(head.weight).all()
         assert (id(head.weight) in in_optimizer) == trainable
@@ -513,8 +519,8 @@ def test_resume_restores_the_head_and_refuses_another_predictor(methods, tmp_pat
     ckpt = tmp_path / "byol.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = snapshot_state(model.predictor)
-    # one update per step; the last step's pool is saved open and folded by the resumed run
-    assert int(saved["stats.num_updates"]) == STEPS - 1 and saved["_extra_state"]["schedule"]["calls"] == 2
+    # one update per step, each folded by its backward pass: nothing is left open to save
+    assert int(saved["stats.num_updates"]) == STEPS and saved["_extra_state"]["schedule"]["calls"] == 0
 
     class Snapshot(Callback):
         def on_train_start(self, trainer, module):
@@ -526,8 +532,8 @@ def test_resume_restores_the_head_and_refuses_another_predictor(methods, tmp_pat
     fit(resumed, epochs=2, ckpt_path=ckpt, callbacks=[snapshot])
     assert snapshot.state.keys() == saved.keys()
     assert_same_state(snapshot.state, saved)
-    assert snapshot.counter == STEPS - 1
-    assert int(resumed.predictor.num_updates) == 2 * STEPS - 1
+    assert snapshot.counter == STEPS
+    assert int(resumed.predictor.num_updates) == 2 * STEPS
 
     mlp = methods["byol"](make_cfg("byol"))
     with pytest.raises(RuntimeError, match=r"checkpoint's predictor is a DirectPred head.*builds solo-learn's MLP"):
@@ -660,8 +666,8 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
     (ckpt,) = (tmp_path / "ckpt" / method).glob("*/*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("predictor.0.") for k in state)  # no MLP
-    # all-reduced statistics, one update per step; the last step's pool is saved open
-    assert int(state["predictor.stats.num_updates"]) == STEPS - 1 and state["predictor._extra_state"]["schedule"]["calls"] == 2
+    # all-reduced statistics, one update per step, each folded by its backward pass
+    assert int(state["predictor.stats.num_updates"]) == STEPS and state["predictor._extra_state"]["schedule"]["calls"] == 0
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
     args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"
@@ -685,7 +691,7 @@ def test_isoloss_trains_through_solo_learn(methods, method, form):
     assert len(calls) == STEPS * 2 and all(np.isfinite(calls))
     assert getattr(importlib.import_module(module_name), name) is original
     assert model._prediction_inputs == {}
-    assert int(model.predictor.num_updates) == STEPS - 1
+    assert int(model.predictor.num_updates) == STEPS
 
 
 @pytest.mark.parametrize("overrides, message", [

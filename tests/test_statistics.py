@@ -318,9 +318,9 @@ def test_moments_stay_in_the_statistics_dtype_inside_autocast(monkeypatch, sync_
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: tensor)  # a world of one, twice
-    head = DirectPredHead(DIM, calls_per_update=2, sync_dist=sync_dist, center=center)
-    z = make_batches(1, dim=DIM)[0] * 3
+    head = DirectPredHead(DIM, calls_per_update=1, sync_dist=sync_dist, center=center, stats_dtype=torch.float64)
+    z = make_batches(1, dim=DIM)[0].double() * 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        head(z.clone().requires_grad_(True))
+        head(z.clone().requires_grad_(True))  # collected and folded (summed over "ranks") in one call
     x = z - z.mean(dim=0) if center else z
-    torch.testing.assert_close(head.stats.pending_outer, x.T @ x, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(head.corr, x.T @ x / len(x), rtol=1e-12, atol=1e-12)
