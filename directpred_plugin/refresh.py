@@ -11,7 +11,8 @@ up by name in :data:`REFRESH_STRATEGIES`:
 - :class:`AutoRefresh`: exact on the CPU, iterative on accelerators (by principle, no timing).
 
 :class:`Refresher` owns a head's strategy and what a refresh leaves behind: when it last
-applied, how many results were refused, and the policy that follows a refusal.
+applied, how many results were refused, and the policy that follows a refusal (a thorough
+iterative candidate first, the exact rule only if that is refused too).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ from .options import ITERATIVE_POWERS, HeadOptions, check_int, check_real
 from .rules import VARIANTS, RuleOptions, Variant, all_finite, inverse_or_zero, normalise_statistics
 
 __all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "Refresher",
-           "highest_matmul_precision"]
+           "highest_matmul_precision", "NORMAL", "THOROUGH", "EXACT"]
 
 Candidate = Tuple[Tensor, Tensor]
+
+#: What a refresh computes: the configured strategy, its thorough form, or the exact rule.
+NORMAL, THOROUGH, EXACT = "normal", "thorough", "exact"
+#: The level of the refresh after a refused one of each level.
+_AFTER_REFUSAL = {NORMAL: THOROUGH, THOROUGH: EXACT, EXACT: EXACT}
+#: Repeated squarings the thorough form adds (each one halves the log of the bracket's slack).
+THOROUGH_EXTRA_SQUARINGS = 4
 
 
 def _matmul_backends() -> List[Any]:
@@ -134,6 +142,22 @@ def _sqrt_schedule(floor: float, steps: int) -> Tuple[Tuple[float, float], ...]:
     return tuple(schedule)
 
 
+@lru_cache(maxsize=None)
+def _converged_steps(floor: float) -> int:
+    """Steps after which :func:`_sqrt_schedule`'s interval ``[ell, 1]`` is 1 to float64 rounding.
+
+    Fewer steps leave the iterate short of the root; more are classical Newton-Schulz steps on
+    an iterate that has converged, where the coupled iteration amplifies rounding on
+    ill-conditioned (rank-deficient) statistics and the certificate grows again.
+    """
+    ell, unit = floor, torch.finfo(torch.float64).eps
+    for steps, (c1, c3) in enumerate(_sqrt_schedule(floor, 200), start=1):
+        ell = min(c1 * ell - c3 * ell**3, c1 - c3)
+        if 1 - ell <= unit:
+            return steps
+    return 200
+
+
 class IterativeRefresh(nn.Module):
     """Matrix products only, accepted only under a certified error bound.
 
@@ -150,10 +174,11 @@ class IterativeRefresh(nn.Module):
 
     The bound on ``||W - W_exact||_F / ||W_exact||_F`` is computed on the device; a
     candidate above ``tol`` (or non-finite) is refused and the head keeps its previous
-    ``W_p`` and counts it (``refresh_rejections``); the head's next refresh then uses the
-    exact rule. Rules other than DirectSet with power 1/2 or 1 (eps outside) are
-    evaluated exactly. Nothing is read on the host. The products run in IEEE float32 (or
-    the statistics' float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
+    ``W_p`` and counts it (``refresh_rejections``); the refresh after the host learns of it
+    computes :meth:`thorough_form`'s candidate, and only if that is refused too the exact
+    rule (:class:`Refresher`). Rules other than DirectSet with power 1/2 or 1 (eps outside)
+    are evaluated exactly. Nothing is read on the host. The products run in IEEE float32
+    (or float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
 
     Args:
         dim: Width of the statistics.
@@ -184,7 +209,24 @@ class IterativeRefresh(nn.Module):
         self.squarings = squarings
         self.sqrt_steps = sqrt_steps
         self.sqrt_floor = float(sqrt_floor)
+        self.compute_dtype: Optional[torch.dtype] = None  # None: the statistics' dtype
         self.exact = ExactRefresh(dim)
+
+    def thorough_form(self) -> "IterativeRefresh":
+        """The candidate of the refresh after a refused one: as certain, more accurate, no host read.
+
+        Computed in float64 (where the device has it; MPS does not), with
+        :data:`THOROUGH_EXTRA_SQUARINGS` more squarings and at least the square-root steps the
+        schedule needs to converge (:func:`_converged_steps`), cast back to the statistics'
+        dtype (the cast's rounding is added to the bound) and accepted under the same ``tol``.
+        The floor stays: a lower one, or steps past convergence, make the certificate worse on
+        rank-deficient statistics (measured in ``tests/test_refresh.py``).
+        """
+        form = IterativeRefresh(self.dim, tol=self.tol, squarings=self.squarings + THOROUGH_EXTRA_SQUARINGS,
+                                sqrt_steps=max(self.sqrt_steps, _converged_steps(self.sqrt_floor)),
+                                sqrt_floor=self.sqrt_floor)
+        form.compute_dtype = torch.float64
+        return form
 
     def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
         return variant.power(options) not in ITERATIVE_POWERS
@@ -193,8 +235,15 @@ class IterativeRefresh(nn.Module):
         power = variant.power(options)
         if power not in ITERATIVE_POWERS:
             return self.exact(stats, variant, options)
+        dtype = self.compute_dtype or stats.dtype
+        if dtype == torch.float64 and stats.device.type == "mps":  # no float64 there
+            dtype = stats.dtype
         with highest_matmul_precision():
-            weight, bound = self.candidate(stats, power, options.eps)
+            weight, bound = self.candidate(stats.to(dtype), power, options.eps)
+        if dtype != stats.dtype:
+            # Rounding to the statistics' dtype moves W by u/2 of ||W|| <= (1 + bound) ||W_exact||.
+            weight = weight.to(stats.dtype)
+            bound = bound + torch.finfo(stats.dtype).eps / 2 * (1 + bound)
         return weight, all_finite(weight) & (bound <= self.tol)
 
     def candidate(self, stats: Tensor, power: float, eps: float) -> Tuple[Tensor, Tensor]:
@@ -268,6 +317,10 @@ class AutoRefresh(nn.Module):
 
     def strategy_for(self, device: torch.device) -> Any:
         return self.exact if device.type == "cpu" else self.iterative
+
+    def thorough_form(self) -> IterativeRefresh:
+        """The iterative strategy's (never used on the CPU, where this strategy is exact)."""
+        return self.iterative.thorough_form()
 
     def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
         return self.strategy_for(stats.device).is_exact(stats, variant, options)

@@ -145,6 +145,91 @@ def test_rejected_refresh_keeps_previous_weight_and_the_refresh_after_the_host_l
     assert head.diagnostics()["exact_refreshes"] == 2
 
 
+# ------------------------------------------------------------- the thorough candidate
+def test_thorough_form_is_float64_with_four_more_squarings_and_a_converged_square_root():
+    from directpred_plugin.refresh import _converged_steps, _sqrt_schedule
+
+    configured = IterativeRefresh(DIM, tol=0.02, squarings=6, sqrt_steps=5, sqrt_floor=3e-3)
+    thorough = configured.thorough_form()
+    assert (thorough.tol, thorough.squarings, thorough.sqrt_floor) == (0.02, 10, 3e-3)
+    assert thorough.compute_dtype == torch.float64 and configured.compute_dtype is None
+    assert thorough.sqrt_steps == _converged_steps(3e-3) > 5
+    assert _sqrt_schedule(3e-3, thorough.sqrt_steps)[-1] == pytest.approx((1.5, 0.5))  # classical by then
+    assert _sqrt_schedule(3e-3, thorough.sqrt_steps - 2)[-1] != pytest.approx((1.5, 0.5))
+    default = IterativeRefresh(DIM).thorough_form()
+    assert (default.squarings, default.sqrt_steps, default.sqrt_floor) == (14, 12, 1e-3)  # 12 steps converge
+    assert IterativeRefresh(DIM, sqrt_steps=20).thorough_form().sqrt_steps == 20  # never fewer than configured
+
+
+def test_thorough_bound_includes_the_cast_back_to_the_statistics_dtype():
+    """The float64 candidate is used in the statistics' dtype: its rounding (u/2 relative) is bounded too."""
+    stats = normalise_statistics(matrix_with_spectrum("power-law"))  # float64
+    thorough = IterativeRefresh(DIM, tol=1e-9).thorough_form()
+    variant, options = VARIANTS["directcopy"], RuleOptions(eps=0.01)  # float64 bound ~1e-16
+    assert bool(thorough(stats, variant, options)[1])
+    weight, ok = thorough(stats.float(), variant, options)
+    assert weight.dtype == torch.float32 and not bool(ok)  # 6e-8 of rounding exceeds tol=1e-9
+
+
+def ssl_like_statistics():
+    """40 SSL-like spectra (power-law and steep, widths 24 and 64), float32 as a head keeps them."""
+    for dim in (24, 64):
+        for kind in ("power-law", "steep"):
+            for seed in range(10):
+                yield normalise_statistics(matrix_with_spectrum(kind, dim, seed).float())
+
+
+def test_thorough_candidate_is_accepted_on_ssl_spectra_where_the_configured_one_is_refused():
+    """At ``tol=1e-5`` float32 rounding refuses the configured candidates (bounds 2.5e-4 to
+    5e-3, except where the float32 certificate happens to round to 0: one of the 40 here);
+    the thorough one (bounds below 2e-7, plus 6e-8 for the cast) passes them all."""
+    tol, variant, options = 1e-5, VARIANTS["directpred"], RuleOptions(eps=0.01)
+    normal = thorough = 0
+    for stats in ssl_like_statistics():
+        configured = IterativeRefresh(stats.shape[-1], tol=tol)
+        normal += bool(configured(stats, variant, options)[1])
+        weight, ok = configured.thorough_form()(stats, variant, options)
+        assert weight.dtype == torch.float32
+        if bool(ok):
+            thorough += 1
+            assert relative_error(weight, reference_weight(stats, "directpred", 0.01)) <= tol
+    assert normal <= 2 and thorough == 40
+
+
+@pytest.mark.parametrize("variant", ["directpred", "directcopy"])
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
+def test_thorough_candidate_accepts_every_adversarial_spectrum_in_float32(variant, scale):
+    """Including the tail 8 decades deep that the configured float32 candidate refuses at scale 1."""
+    eps, refused = 0.01, []
+    for name, build in ADVERSARIAL.items():
+        raw = (build() * scale).float()
+        stats = normalise_statistics(raw)
+        configured = IterativeRefresh(DIM)
+        weight, ok = configured.thorough_form()(stats, VARIANTS[variant], RuleOptions(eps=eps))
+        assert bool(ok), name
+        assert relative_error(weight, reference_weight(stats, variant, eps)) <= TOL, name
+        if not bool(configured(stats, VARIANTS[variant], RuleOptions(eps=eps))[1]):
+            refused.append(name)
+    assert set(refused) <= ({"vanishing-tail"} if variant == "directpred" else set())
+    if variant == "directpred" and scale == 1.0:
+        assert refused == ["vanishing-tail"]
+
+
+@pytest.mark.parametrize("kind", ["rank-deficient", "batch-smaller-than-dim", "vanishing-tail"])
+def test_more_square_root_steps_or_a_lower_floor_would_refuse_near_singular_statistics(kind):
+    """Why the thorough form keeps the floor and stops at convergence: past it, the coupled
+    Newton-Schulz iteration amplifies rounding on ill-conditioned statistics (even in float64)."""
+    from directpred_plugin.refresh import _converged_steps
+
+    stats = normalise_statistics(ADVERSARIAL[kind]().float()).double()
+    chosen = IterativeRefresh(DIM).thorough_form()
+    assert float(chosen.candidate(stats, 0.5, 0.01)[1]) < 1e-3
+    for steps, floor in [(12 + 6, 1e-3), (_converged_steps(1e-4), 1e-4), (_converged_steps(1e-5), 1e-5)]:
+        other = IterativeRefresh(DIM, squarings=14, sqrt_steps=steps, sqrt_floor=floor)
+        weight, bound = other.candidate(stats, 0.5, 0.01)
+        assert not (float(bound) <= TOL and bool(torch.isfinite(weight).all())), (steps, floor, float(bound))
+
+
 def test_rules_without_a_matrix_product_form_are_evaluated_exactly():
     stats = normalise_statistics(matrix_with_spectrum("power-law"))
     for variant, options in [("directset", RuleOptions(alpha=0.3)), ("directpred", RuleOptions(eps_inside=True))]:
