@@ -342,10 +342,38 @@ class Refresher(nn.Module):
 
     :meth:`refresh_` evaluates the variant on the normalised statistics and writes ``W_p``
     in place where the candidate is usable and the statistics changed since the last
-    refresh (decided on the device), with an optional EMA on ``W_p``
-    (``weight_momentum``). After the host learns of a refused candidate
-    (:meth:`rejection_learned`), the next refresh uses the exact rule; that pending
-    fallback is saved with the module.
+    refresh (decided on the device), with an optional EMA on ``W_p`` (``weight_momentum``).
+
+    **Fallback after a refusal**, the same on every device. Each refresh runs at a level:
+    ``"normal"`` (the configured strategy), ``"thorough"`` (the strategy's
+    ``thorough_form()``: for :class:`IterativeRefresh` matrix products in float64 with more
+    squarings, no eigendecomposition, no host read) or ``"exact"`` (the exact rule: on an
+    accelerator it waits for the device). After a refusal of a normal candidate the next
+    refresh is thorough; after a refusal of a thorough one, exact; after a refusal of an
+    exact one, exact again; a refresh that runs without a refusal learned since the last
+    one is normal. A level only applies where the strategy is not already exact for the
+    variant and device (``is_exact``: ``"exact"``, ``"auto"`` on the CPU); a strategy
+    without ``thorough_form`` goes to the exact rule at once. ``thorough_refreshes`` and
+    ``exact_refreshes`` count the fallbacks run.
+
+    **Which refresh a learned refusal belongs to.** The host never reads the verdict. At
+    each close (a step's end) the head receives the counters the previous close sent, after
+    that close's refresh if it had one, and calls :meth:`rejection_learned` if
+    ``refresh_rejections`` grew. A refresh only counts a refusal where the statistics
+    changed since the last applied refresh (so one that had nothing to do refuses nothing,
+    and no refusal is learned for it), and closes without a refresh (``freq > 1``) send
+    unchanged counters. So a learned refusal is the one of the refresh run one close
+    earlier, which is the last refresh this refresher ran (``last_level``, recorded when it
+    runs), whatever ``freq``; and by the time the next refresh runs the previous one's
+    outcome is known. A refresh that runs after its close sent the counters has its refusal
+    learned at the second close after it: the refresh a trainable ``W_p`` defers to the next
+    step's first call (integer ``calls_per_update``), and a public ``refresh()`` between
+    closes. For the deferred refresh the model still holds while the steps have equal
+    numbers of closes (a trainable ``W_p`` needs ``freq > 1``, so the next refresh runs after
+    that second close). With steps of different lengths, or after ``refresh()``, the level
+    can follow a neighbouring refresh's outcome, so the exact rule may come one refresh
+    early or late; every ``W_p`` used is still certified or exact. Both levels are saved with
+    the module, so a resumed run decides as the uninterrupted one.
     """
 
     refreshed_at: Tensor
@@ -366,22 +394,31 @@ class Refresher(nn.Module):
                 f"refresh={options.refresh!r}: {err}"
             ) from None
         self.exact = getattr(self.strategy, "exact", None) or ExactRefresh(options.dim)
+        thorough_form = getattr(self.strategy, "thorough_form", None)
+        self.thorough: Optional[nn.Module] = thorough_form() if thorough_form is not None else None
         self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
         self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
-        self.exact_next = False
+        self.next_level = NORMAL
+        """The level the next refresh runs at."""
+        self.last_level = NORMAL
+        """The level the last refresh ran at: the one a refusal learned now belongs to."""
         self.exact_refreshes = 0
+        self.thorough_refreshes = 0
 
     def refresh_(self, weight: Tensor, stats: Tensor, num_updates: Tensor, *, force: bool = False) -> Tensor:
         """Recompute ``weight`` in place from ``stats``; returns whether it was (0-dim bool)."""
         changed = num_updates > (0 if force else self.refreshed_at)
         normalised = normalise_statistics(stats, self.ridge)
         variant = VARIANTS[self.variant_name]
-        strategy = self.strategy
-        if self.exact_next:
-            self.exact_next = False
-            if not strategy.is_exact(normalised, variant, self.rule):
-                strategy = self.exact
+        strategy, level = self.strategy, NORMAL
+        if self.next_level != NORMAL and not strategy.is_exact(normalised, variant, self.rule):
+            if self.next_level == THOROUGH and self.thorough is not None:
+                strategy, level = self.thorough, THOROUGH
+                self.thorough_refreshes += 1
+            else:
+                strategy, level = self.exact, EXACT
                 self.exact_refreshes += 1
+        self.next_level, self.last_level = NORMAL, level
         with highest_matmul_precision():  # the exact rules' products too (U diag U^T)
             candidate, ok = strategy(normalised, variant, self.rule)
         candidate = candidate.to(weight.dtype)
@@ -396,16 +433,28 @@ class Refresher(nn.Module):
         return use
 
     def rejection_learned(self) -> None:
-        self.exact_next = True
+        """The host learned that the last refresh was refused: the next one climbs a level."""
+        self.next_level = _AFTER_REFUSAL[self.last_level]
 
     def reset(self) -> None:
         self.refreshed_at.zero_()
         self.refresh_rejections.zero_()
-        self.exact_next, self.exact_refreshes = False, 0
+        self.next_level = self.last_level = NORMAL
+        self.exact_refreshes = self.thorough_refreshes = 0
 
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"exact_next": self.exact_next, "exact_refreshes": self.exact_refreshes}
+        return {"next_level": self.next_level, "last_level": self.last_level,
+                "exact_refreshes": self.exact_refreshes, "thorough_refreshes": self.thorough_refreshes}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.exact_next = bool(state["exact_next"])
+        if "next_level" in state:
+            levels = (str(state["next_level"]), str(state["last_level"]))
+            if not set(levels) <= set(_AFTER_REFUSAL):
+                raise ValueError(f"unknown refresh levels {levels} in a Refresher's extra state")
+            self.next_level, self.last_level = levels
+            self.thorough_refreshes = int(state["thorough_refreshes"])
+        else:  # before the thorough level: {"exact_next": bool, "exact_refreshes": int}
+            self.next_level = EXACT if state["exact_next"] else NORMAL
+            self.last_level = NORMAL
+            self.thorough_refreshes = 0
         self.exact_refreshes = int(state["exact_refreshes"])
