@@ -45,4 +45,5 @@ def diagnostics(head: Any) -> Dict[str, float]:
         "num_steps": float(head.schedule.steps),
         "refresh_rejections": float(head.refresher.refresh_rejections),
         "exact_refreshes": float(head.refresher.exact_refreshes),
+        "thorough_refreshes": float(head.refresher.thorough_refreshes),
     }

@@ -264,5 +264,7 @@ _SKIP_WARNING = (
 _REJECTION_WARNING = (
     "DirectPredHead could not use a refresh (eigendecomposition failed in the statistics' dtype and in "
     "float64, or an iterative result exceeded its error bound); keeping the previous W_p. Counted in "
-    "`refresh_rejections`; the next refresh uses the exact rule."
+    "`refresh_rejections`; after a refused iterative result the next refresh computes a thorough iterative "
+    "candidate (float64, more squarings, no host wait), and only if that is refused too the one after uses "
+    "the exact rule (`thorough_refreshes`, `exact_refreshes` in `diagnostics()`)."
 )

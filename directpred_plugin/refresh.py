@@ -11,7 +11,8 @@ up by name in :data:`REFRESH_STRATEGIES`:
 - :class:`AutoRefresh`: exact on the CPU, iterative on accelerators (by principle, no timing).
 
 :class:`Refresher` owns a head's strategy and what a refresh leaves behind: when it last
-applied, how many results were refused, and the policy that follows a refusal.
+applied, how many results were refused, and the policy that follows a refusal (a thorough
+iterative candidate first, the exact rule only if that is refused too).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ from .options import ITERATIVE_POWERS, HeadOptions, check_int, check_real
 from .rules import VARIANTS, RuleOptions, Variant, all_finite, inverse_or_zero, normalise_statistics
 
 __all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "Refresher",
-           "highest_matmul_precision"]
+           "highest_matmul_precision", "NORMAL", "THOROUGH", "EXACT"]
 
 Candidate = Tuple[Tensor, Tensor]
+
+#: What a refresh computes: the configured strategy, its thorough form, or the exact rule.
+NORMAL, THOROUGH, EXACT = "normal", "thorough", "exact"
+#: The level of the refresh after a refused one of each level.
+_AFTER_REFUSAL = {NORMAL: THOROUGH, THOROUGH: EXACT, EXACT: EXACT}
+#: Repeated squarings the thorough form adds (each one halves the log of the bracket's slack).
+THOROUGH_EXTRA_SQUARINGS = 4
 
 
 def _matmul_backends() -> List[Any]:
@@ -134,6 +142,22 @@ def _sqrt_schedule(floor: float, steps: int) -> Tuple[Tuple[float, float], ...]:
     return tuple(schedule)
 
 
+@lru_cache(maxsize=None)
+def _converged_steps(floor: float) -> int:
+    """Steps after which :func:`_sqrt_schedule`'s interval ``[ell, 1]`` is 1 to float64 rounding.
+
+    Fewer steps leave the iterate short of the root; more are classical Newton-Schulz steps on
+    an iterate that has converged, where the coupled iteration amplifies rounding on
+    ill-conditioned (rank-deficient) statistics and the certificate grows again.
+    """
+    ell, unit = floor, torch.finfo(torch.float64).eps
+    for steps, (c1, c3) in enumerate(_sqrt_schedule(floor, 200), start=1):
+        ell = min(c1 * ell - c3 * ell**3, c1 - c3)
+        if 1 - ell <= unit:
+            return steps
+    return 200
+
+
 class IterativeRefresh(nn.Module):
     """Matrix products only, accepted only under a certified error bound.
 
@@ -150,10 +174,11 @@ class IterativeRefresh(nn.Module):
 
     The bound on ``||W - W_exact||_F / ||W_exact||_F`` is computed on the device; a
     candidate above ``tol`` (or non-finite) is refused and the head keeps its previous
-    ``W_p`` and counts it (``refresh_rejections``); the head's next refresh then uses the
-    exact rule. Rules other than DirectSet with power 1/2 or 1 (eps outside) are
-    evaluated exactly. Nothing is read on the host. The products run in IEEE float32 (or
-    the statistics' float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
+    ``W_p`` and counts it (``refresh_rejections``); the refresh after the host learns of it
+    computes :meth:`thorough_form`'s candidate, and only if that is refused too the exact
+    rule (:class:`Refresher`). Rules other than DirectSet with power 1/2 or 1 (eps outside)
+    are evaluated exactly. Nothing is read on the host. The products run in IEEE float32
+    (or float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
 
     Args:
         dim: Width of the statistics.
@@ -184,7 +209,24 @@ class IterativeRefresh(nn.Module):
         self.squarings = squarings
         self.sqrt_steps = sqrt_steps
         self.sqrt_floor = float(sqrt_floor)
+        self.compute_dtype: Optional[torch.dtype] = None  # None: the statistics' dtype
         self.exact = ExactRefresh(dim)
+
+    def thorough_form(self) -> "IterativeRefresh":
+        """The candidate of the refresh after a refused one: as certain, more accurate, no host read.
+
+        Computed in float64 (where the device has it; MPS does not), with
+        :data:`THOROUGH_EXTRA_SQUARINGS` more squarings and at least the square-root steps the
+        schedule needs to converge (:func:`_converged_steps`), cast back to the statistics'
+        dtype (the cast's rounding is added to the bound) and accepted under the same ``tol``.
+        The floor stays: a lower one, or steps past convergence, make the certificate worse on
+        rank-deficient statistics (measured in ``tests/test_refresh.py``).
+        """
+        form = IterativeRefresh(self.dim, tol=self.tol, squarings=self.squarings + THOROUGH_EXTRA_SQUARINGS,
+                                sqrt_steps=max(self.sqrt_steps, _converged_steps(self.sqrt_floor)),
+                                sqrt_floor=self.sqrt_floor)
+        form.compute_dtype = torch.float64
+        return form
 
     def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
         return variant.power(options) not in ITERATIVE_POWERS
@@ -193,8 +235,15 @@ class IterativeRefresh(nn.Module):
         power = variant.power(options)
         if power not in ITERATIVE_POWERS:
             return self.exact(stats, variant, options)
+        dtype = self.compute_dtype or stats.dtype
+        if dtype == torch.float64 and stats.device.type == "mps":  # no float64 there
+            dtype = stats.dtype
         with highest_matmul_precision():
-            weight, bound = self.candidate(stats, power, options.eps)
+            weight, bound = self.candidate(stats.to(dtype), power, options.eps)
+        if dtype != stats.dtype:
+            # Rounding to the statistics' dtype moves W by u/2 of ||W|| <= (1 + bound) ||W_exact||.
+            weight = weight.to(stats.dtype)
+            bound = bound + torch.finfo(stats.dtype).eps / 2 * (1 + bound)
         return weight, all_finite(weight) & (bound <= self.tol)
 
     def candidate(self, stats: Tensor, power: float, eps: float) -> Tuple[Tensor, Tensor]:
@@ -269,6 +318,10 @@ class AutoRefresh(nn.Module):
     def strategy_for(self, device: torch.device) -> Any:
         return self.exact if device.type == "cpu" else self.iterative
 
+    def thorough_form(self) -> IterativeRefresh:
+        """The iterative strategy's (never used on the CPU, where this strategy is exact)."""
+        return self.iterative.thorough_form()
+
     def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
         return self.strategy_for(stats.device).is_exact(stats, variant, options)
 
@@ -289,10 +342,38 @@ class Refresher(nn.Module):
 
     :meth:`refresh_` evaluates the variant on the normalised statistics and writes ``W_p``
     in place where the candidate is usable and the statistics changed since the last
-    refresh (decided on the device), with an optional EMA on ``W_p``
-    (``weight_momentum``). After the host learns of a refused candidate
-    (:meth:`rejection_learned`), the next refresh uses the exact rule; that pending
-    fallback is saved with the module.
+    refresh (decided on the device), with an optional EMA on ``W_p`` (``weight_momentum``).
+
+    **Fallback after a refusal**, the same on every device. Each refresh runs at a level:
+    ``"normal"`` (the configured strategy), ``"thorough"`` (the strategy's
+    ``thorough_form()``: for :class:`IterativeRefresh` matrix products in float64 with more
+    squarings, no eigendecomposition, no host read) or ``"exact"`` (the exact rule: on an
+    accelerator it waits for the device). After a refusal of a normal candidate the next
+    refresh is thorough; after a refusal of a thorough one, exact; after a refusal of an
+    exact one, exact again; a refresh that runs without a refusal learned since the last
+    one is normal. A level only applies where the strategy is not already exact for the
+    variant and device (``is_exact``: ``"exact"``, ``"auto"`` on the CPU); a strategy
+    without ``thorough_form`` goes to the exact rule at once. ``thorough_refreshes`` and
+    ``exact_refreshes`` count the fallbacks run.
+
+    **Which refresh a learned refusal belongs to.** The host never reads the verdict. At
+    each close (a step's end) the head receives the counters the previous close sent, after
+    that close's refresh if it had one, and calls :meth:`rejection_learned` if
+    ``refresh_rejections`` grew. A refresh only counts a refusal where the statistics
+    changed since the last applied refresh (so one that had nothing to do refuses nothing,
+    and no refusal is learned for it), and closes without a refresh (``freq > 1``) send
+    unchanged counters. So a learned refusal is the one of the refresh run one close
+    earlier, which is the last refresh this refresher ran (``last_level``, recorded when it
+    runs), whatever ``freq``; and by the time the next refresh runs the previous one's
+    outcome is known. A refresh that runs after its close sent the counters has its refusal
+    learned at the second close after it: the refresh a trainable ``W_p`` defers to the next
+    step's first call (integer ``calls_per_update``), and a public ``refresh()`` between
+    closes. For the deferred refresh the model still holds while the steps have equal
+    numbers of closes (a trainable ``W_p`` needs ``freq > 1``, so the next refresh runs after
+    that second close). With steps of different lengths, or after ``refresh()``, the level
+    can follow a neighbouring refresh's outcome, so the exact rule may come one refresh
+    early or late; every ``W_p`` used is still certified or exact. Both levels are saved with
+    the module, so a resumed run decides as the uninterrupted one.
     """
 
     refreshed_at: Tensor
@@ -313,22 +394,31 @@ class Refresher(nn.Module):
                 f"refresh={options.refresh!r}: {err}"
             ) from None
         self.exact = getattr(self.strategy, "exact", None) or ExactRefresh(options.dim)
+        thorough_form = getattr(self.strategy, "thorough_form", None)
+        self.thorough: Optional[nn.Module] = thorough_form() if thorough_form is not None else None
         self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
         self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
-        self.exact_next = False
+        self.next_level = NORMAL
+        """The level the next refresh runs at."""
+        self.last_level = NORMAL
+        """The level the last refresh ran at: the one a refusal learned now belongs to."""
         self.exact_refreshes = 0
+        self.thorough_refreshes = 0
 
     def refresh_(self, weight: Tensor, stats: Tensor, num_updates: Tensor, *, force: bool = False) -> Tensor:
         """Recompute ``weight`` in place from ``stats``; returns whether it was (0-dim bool)."""
         changed = num_updates > (0 if force else self.refreshed_at)
         normalised = normalise_statistics(stats, self.ridge)
         variant = VARIANTS[self.variant_name]
-        strategy = self.strategy
-        if self.exact_next:
-            self.exact_next = False
-            if not strategy.is_exact(normalised, variant, self.rule):
-                strategy = self.exact
+        strategy, level = self.strategy, NORMAL
+        if self.next_level != NORMAL and not strategy.is_exact(normalised, variant, self.rule):
+            if self.next_level == THOROUGH and self.thorough is not None:
+                strategy, level = self.thorough, THOROUGH
+                self.thorough_refreshes += 1
+            else:
+                strategy, level = self.exact, EXACT
                 self.exact_refreshes += 1
+        self.next_level, self.last_level = NORMAL, level
         with highest_matmul_precision():  # the exact rules' products too (U diag U^T)
             candidate, ok = strategy(normalised, variant, self.rule)
         candidate = candidate.to(weight.dtype)
@@ -343,16 +433,28 @@ class Refresher(nn.Module):
         return use
 
     def rejection_learned(self) -> None:
-        self.exact_next = True
+        """The host learned that the last refresh was refused: the next one climbs a level."""
+        self.next_level = _AFTER_REFUSAL[self.last_level]
 
     def reset(self) -> None:
         self.refreshed_at.zero_()
         self.refresh_rejections.zero_()
-        self.exact_next, self.exact_refreshes = False, 0
+        self.next_level = self.last_level = NORMAL
+        self.exact_refreshes = self.thorough_refreshes = 0
 
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"exact_next": self.exact_next, "exact_refreshes": self.exact_refreshes}
+        return {"next_level": self.next_level, "last_level": self.last_level,
+                "exact_refreshes": self.exact_refreshes, "thorough_refreshes": self.thorough_refreshes}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.exact_next = bool(state["exact_next"])
+        if "next_level" in state:
+            levels = (str(state["next_level"]), str(state["last_level"]))
+            if not set(levels) <= set(_AFTER_REFUSAL):
+                raise ValueError(f"unknown refresh levels {levels} in a Refresher's extra state")
+            self.next_level, self.last_level = levels
+            self.thorough_refreshes = int(state["thorough_refreshes"])
+        else:  # before the thorough level: {"exact_next": bool, "exact_refreshes": int}
+            self.next_level = EXACT if state["exact_next"] else NORMAL
+            self.last_level = NORMAL
+            self.thorough_refreshes = 0
         self.exact_refreshes = int(state["exact_refreshes"])

@@ -73,3 +73,37 @@ def sgd_step(model, optimizer, x0, x1):
     loss.backward()
     optimizer.step()
     return loss.detach(), p0, p1
+
+
+def refuse(monkeypatch, *levels):
+    """Make the iterative refresh refuse every candidate of ``levels`` (``"normal"``, ``"thorough"``).
+
+    The candidate is computed as usual; its certified bound is raised above any tolerance
+    (all are below 1), so the refusal is decided on the device like a real one.
+    """
+    from directpred_plugin.refresh import IterativeRefresh
+
+    candidate = IterativeRefresh.candidate
+
+    def refusing(self, stats, power, eps):
+        weight, bound = candidate(self, stats, power, eps)
+        level = "normal" if self.compute_dtype is None else "thorough"
+        return weight, (bound + 1.0 if level in levels else bound)
+
+    monkeypatch.setattr(IterativeRefresh, "candidate", refusing)
+
+
+def record_levels(monkeypatch):
+    """The level (``"normal"``, ``"thorough"``, ``"exact"``) of every refresh run from now on, in order."""
+    from directpred_plugin.refresh import Refresher
+
+    levels = []
+    refresh_ = Refresher.refresh_
+
+    def recording(self, *args, **kwargs):
+        use = refresh_(self, *args, **kwargs)
+        levels.append(self.last_level)
+        return use
+
+    monkeypatch.setattr(Refresher, "refresh_", recording)
+    return levels

@@ -1,6 +1,7 @@
 """Refresh strategies: the iterative (matrix-products-only) refresh against an exact
-eigendecomposition, soundness of its certified error bound, rejections and the exact
-refresh that follows them, and what ``refresh="auto"`` chooses.
+eigendecomposition, soundness of its certified error bound, rejections and the fallback
+that follows them (a thorough iterative candidate, then the exact rule), and what
+``refresh="auto"`` chooses.
 
 References are the NumPy float64 rules of ``_reference.py``, never the package's own rules.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import record_levels, refuse
 from _reference import directcopy_matrix, directpred_matrix
 from _spectra import (
     ADVERSARIAL,
@@ -120,10 +122,11 @@ def test_certified_bound_bounds_the_true_error(dtype, variant):
     assert checked >= 50
 
 
-def test_rejected_refresh_keeps_previous_weight_and_the_refresh_after_the_host_learns_of_it_is_exact():
+def test_rejected_refresh_keeps_previous_weight_and_the_refresh_after_the_host_learns_of_it_is_thorough():
     matrix = matrix_with_spectrum("power-law")
     batches = [b.float() for b in stream_with_statistics(matrix, 4)]
-    # one squaring brackets lambda_max within a factor dim^(1/4): always above tolerance
+    # one squaring brackets lambda_max within a factor dim^(1/4): always above tolerance; the
+    # thorough form's five (in float64) isolate this spectrum's top
     head = DirectPredHead(DIM, refresh="iterative", refresh_options={"squarings": 1})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the host learns of it one step later, on every device
@@ -131,18 +134,224 @@ def test_rejected_refresh_keeps_previous_weight_and_the_refresh_after_the_host_l
     assert torch.equal(head.weight, torch.eye(DIM))  # the rejected candidate was not used
     assert int(head.refresh_rejections) == 1 and int(head.refreshed_at) == 0
     with pytest.warns(RuntimeWarning, match="keeping the previous W_p") as record:
-        head(batches[1].clone().requires_grad_(True))  # learned before this step's refresh: exact
+        head(batches[1].clone().requires_grad_(True))  # learned before this step's refresh: thorough
     assert len(record) == 1
     np.testing.assert_allclose(head.weight.numpy(), directpred_matrix(head.corr.double().numpy(), 0.01), atol=1e-5)
-    assert head.diagnostics()["exact_refreshes"] == 1
-    assert int(head.refreshed_at) == 2
+    assert head.weight.dtype == torch.float32
+    diagnostics = head.diagnostics()
+    assert (diagnostics["thorough_refreshes"], diagnostics["exact_refreshes"]) == (1, 0)
+    assert int(head.refreshed_at) == 2 and int(head.refresh_rejections) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per kind
         kept = head.weight.clone()
-        head(batches[2].clone().requires_grad_(True))  # iterative again, rejected again
+        head(batches[2].clone().requires_grad_(True))  # normal again, rejected again
     assert torch.equal(head.weight, kept) and int(head.refresh_rejections) == 2
     head(batches[3].clone().requires_grad_(True))
-    assert head.diagnostics()["exact_refreshes"] == 2
+    diagnostics = head.diagnostics()
+    assert (diagnostics["thorough_refreshes"], diagnostics["exact_refreshes"]) == (2, 0)
+
+
+def test_a_refused_thorough_candidate_makes_the_next_refresh_exact_then_normal_again(monkeypatch):
+    refuse(monkeypatch, "normal", "thorough")
+    levels = record_levels(monkeypatch)
+    batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 7)]
+    head = DirectPredHead(DIM, refresh="iterative")
+    weights = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for z in batches:
+            head(z.clone().requires_grad_(True))
+            weights.append(head.weight.clone())
+    assert levels == ["normal", "thorough", "exact"] * 2 + ["normal"]
+    assert torch.equal(weights[1], torch.eye(DIM))  # the thorough candidate was refused too
+    np.testing.assert_allclose(weights[2].numpy(), directpred_matrix(head.corr.double().numpy(), 0.01), atol=1e-5)
+    assert int(head.refresh_rejections) == 5 and int(head.refreshed_at) == 6
+    diagnostics = head.diagnostics()
+    assert (diagnostics["thorough_refreshes"], diagnostics["exact_refreshes"]) == (2, 2)
+
+
+@pytest.mark.parametrize("freq", [1, 3])
+def test_a_refresh_with_unchanged_statistics_refuses_nothing_so_the_level_returns_to_normal(freq, monkeypatch):
+    """The host learns of a refusal one close late, whatever ``freq``; a refresh of statistics
+    that did not change since the last applied one (a skipped step) counts no refusal."""
+    refuse(monkeypatch, "normal")
+    levels = record_levels(monkeypatch)
+    good = iter([b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 3)])
+    bad = torch.full((DIM, DIM), float("nan"))
+    head = DirectPredHead(DIM, refresh="iterative", freq=freq)
+    # the refreshes: normal (refused) -> [skipped] thorough (applied) -> [skipped] normal on
+    # unchanged statistics (refused, not counted) -> normal (refused) -> thorough
+    plan = [[next(good)], [bad], [bad], [next(good)], [next(good)]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for closes in plan:
+            for z in closes * freq:  # freq closes per refresh, the last one refreshes
+                head(z.clone().requires_grad_(True))
+    assert levels == ["normal", "thorough", "normal", "normal", "thorough"]
+    assert int(head.refresh_rejections) == 2 and int(head.num_skipped) == 2 * freq
+    assert int(head.refreshed_at) == int(head.num_updates)  # the last, thorough refresh applied
+
+
+def test_auto_on_an_accelerator_falls_back_through_the_iterative_thorough_form(monkeypatch):
+    monkeypatch.setattr(AutoRefresh, "strategy_for", lambda self, device: self.iterative)  # as on CUDA
+    refuse(monkeypatch, "normal", "thorough")
+    levels = record_levels(monkeypatch)
+    head = DirectPredHead(DIM)
+    thorough = head.refresher.thorough
+    assert isinstance(thorough, IterativeRefresh) and thorough.compute_dtype == torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for z in stream_with_statistics(matrix_with_spectrum("power-law"), 4):
+            head(z.float().requires_grad_(True))
+    assert levels == ["normal", "thorough", "exact", "normal"]
+
+
+class _RefusingStrategy(torch.nn.Module):
+    """A registered strategy with no thorough form, whose every result is refused."""
+
+    def __init__(self, dim):
+        super().__init__()
+
+    def is_exact(self, stats, variant, options):
+        return False
+
+    def forward(self, stats, variant, options):
+        return torch.zeros_like(stats), torch.zeros((), dtype=torch.bool)
+
+
+def test_a_strategy_without_a_thorough_form_falls_back_to_the_exact_rule_at_once(monkeypatch):
+    from directpred_plugin.refresh import REFRESH_STRATEGIES
+
+    monkeypatch.setitem(REFRESH_STRATEGIES, "refusing", _RefusingStrategy)
+    levels = record_levels(monkeypatch)
+    head = DirectPredHead(DIM, refresh="refusing")
+    assert head.refresher.thorough is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for z in stream_with_statistics(matrix_with_spectrum("power-law"), 3):
+            head(z.float().requires_grad_(True))
+    assert levels == ["normal", "exact", "normal"]
+    assert head.refresher.exact_refreshes == 1 and head.refresher.thorough_refreshes == 0
+    np.testing.assert_allclose(head.weight.numpy(), directpred_matrix(head.corr.double().numpy(), 0.01), atol=1e-5)
+
+
+def test_cpu_default_retries_a_refused_refresh_exactly_as_before_and_never_computes_a_thorough_one(monkeypatch):
+    """``refresh="auto"`` is exact on the CPU: after a refusal (eigh failing in every dtype)
+    the next refresh is the same exact strategy, uncounted, bit for bit ``refresh="exact"``."""
+    def no_iterative(*args, **kwargs):
+        raise AssertionError("the CPU default computed an iterative candidate")
+
+    monkeypatch.setattr(IterativeRefresh, "candidate", no_iterative)
+    eigh = torch.linalg.eigh
+    failing = {"left": 0}
+
+    def sometimes_failing(*args, **kwargs):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise torch.linalg.LinAlgError("injected")
+        return eigh(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", sometimes_failing)
+    batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 4)]
+    heads = {"auto": DirectPredHead(DIM), "exact": DirectPredHead(DIM, refresh="exact")}
+    outputs = {name: [] for name in heads}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index, z in enumerate(batches):
+            for name, head in heads.items():
+                failing["left"] = 2 if index == 1 else 0  # the second refresh fails in float32 and float64
+                outputs[name].append(head(z.clone().requires_grad_(True)))
+    for a, b in zip(*outputs.values()):
+        assert torch.equal(a, b)
+    for head in heads.values():
+        assert int(head.refresh_rejections) == 1 and int(head.refreshed_at) == 4
+        assert (head.refresher.exact_refreshes, head.refresher.thorough_refreshes) == (0, 0)
+    assert torch.equal(heads["auto"].weight, heads["exact"].weight)
+
+
+# ------------------------------------------------------------- the thorough candidate
+def test_thorough_form_is_float64_with_four_more_squarings_and_a_converged_square_root():
+    from directpred_plugin.refresh import _converged_steps, _sqrt_schedule
+
+    configured = IterativeRefresh(DIM, tol=0.02, squarings=6, sqrt_steps=5, sqrt_floor=3e-3)
+    thorough = configured.thorough_form()
+    assert (thorough.tol, thorough.squarings, thorough.sqrt_floor) == (0.02, 10, 3e-3)
+    assert thorough.compute_dtype == torch.float64 and configured.compute_dtype is None
+    assert thorough.sqrt_steps == _converged_steps(3e-3) > 5
+    assert _sqrt_schedule(3e-3, thorough.sqrt_steps)[-1] == pytest.approx((1.5, 0.5))  # classical by then
+    assert _sqrt_schedule(3e-3, thorough.sqrt_steps - 2)[-1] != pytest.approx((1.5, 0.5))
+    default = IterativeRefresh(DIM).thorough_form()
+    assert (default.squarings, default.sqrt_steps, default.sqrt_floor) == (14, 12, 1e-3)  # 12 steps converge
+    assert IterativeRefresh(DIM, sqrt_steps=20).thorough_form().sqrt_steps == 20  # never fewer than configured
+
+
+def test_thorough_bound_includes_the_cast_back_to_the_statistics_dtype():
+    """The float64 candidate is used in the statistics' dtype: its rounding (u/2 relative) is bounded too."""
+    stats = normalise_statistics(matrix_with_spectrum("power-law"))  # float64
+    thorough = IterativeRefresh(DIM, tol=1e-9).thorough_form()
+    variant, options = VARIANTS["directcopy"], RuleOptions(eps=0.01)  # float64 bound ~1e-16
+    assert bool(thorough(stats, variant, options)[1])
+    weight, ok = thorough(stats.float(), variant, options)
+    assert weight.dtype == torch.float32 and not bool(ok)  # 6e-8 of rounding exceeds tol=1e-9
+
+
+def ssl_like_statistics():
+    """40 SSL-like spectra (power-law and steep, widths 24 and 64), float32 as a head keeps them."""
+    for dim in (24, 64):
+        for kind in ("power-law", "steep"):
+            for seed in range(10):
+                yield normalise_statistics(matrix_with_spectrum(kind, dim, seed).float())
+
+
+def test_thorough_candidate_is_accepted_on_ssl_spectra_where_the_configured_one_is_refused():
+    """At ``tol=1e-5`` float32 rounding refuses the configured candidates (bounds 2.5e-4 to
+    5e-3, except where the float32 certificate happens to round to 0: one of the 40 here);
+    the thorough one (bounds below 2e-7, plus 6e-8 for the cast) passes them all."""
+    tol, variant, options = 1e-5, VARIANTS["directpred"], RuleOptions(eps=0.01)
+    normal = thorough = 0
+    for stats in ssl_like_statistics():
+        configured = IterativeRefresh(stats.shape[-1], tol=tol)
+        normal += bool(configured(stats, variant, options)[1])
+        weight, ok = configured.thorough_form()(stats, variant, options)
+        assert weight.dtype == torch.float32
+        if bool(ok):
+            thorough += 1
+            assert relative_error(weight, reference_weight(stats, "directpred", 0.01)) <= tol
+    assert normal <= 2 and thorough == 40
+
+
+@pytest.mark.parametrize("variant", ["directpred", "directcopy"])
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
+def test_thorough_candidate_accepts_every_adversarial_spectrum_in_float32(variant, scale):
+    """Including the tail 8 decades deep that the configured float32 candidate refuses at scale 1."""
+    eps, refused = 0.01, []
+    for name, build in ADVERSARIAL.items():
+        raw = (build() * scale).float()
+        stats = normalise_statistics(raw)
+        configured = IterativeRefresh(DIM)
+        weight, ok = configured.thorough_form()(stats, VARIANTS[variant], RuleOptions(eps=eps))
+        assert bool(ok), name
+        assert relative_error(weight, reference_weight(stats, variant, eps)) <= TOL, name
+        if not bool(configured(stats, VARIANTS[variant], RuleOptions(eps=eps))[1]):
+            refused.append(name)
+    assert set(refused) <= ({"vanishing-tail"} if variant == "directpred" else set())
+    if variant == "directpred" and scale == 1.0:
+        assert refused == ["vanishing-tail"]
+
+
+@pytest.mark.parametrize("kind", ["rank-deficient", "batch-smaller-than-dim", "vanishing-tail"])
+def test_more_square_root_steps_or_a_lower_floor_would_refuse_near_singular_statistics(kind):
+    """Why the thorough form keeps the floor and stops at convergence: past it, the coupled
+    Newton-Schulz iteration amplifies rounding on ill-conditioned statistics (even in float64)."""
+    from directpred_plugin.refresh import _converged_steps
+
+    stats = normalise_statistics(ADVERSARIAL[kind]().float()).double()
+    chosen = IterativeRefresh(DIM).thorough_form()
+    assert float(chosen.candidate(stats, 0.5, 0.01)[1]) < 1e-3
+    for steps, floor in [(12 + 6, 1e-3), (_converged_steps(1e-4), 1e-4), (_converged_steps(1e-5), 1e-5)]:
+        other = IterativeRefresh(DIM, squarings=14, sqrt_steps=steps, sqrt_floor=floor)
+        weight, bound = other.candidate(stats, 0.5, 0.01)
+        assert not (float(bound) <= TOL and bool(torch.isfinite(weight).all())), (steps, floor, float(bound))
 
 
 def test_rules_without_a_matrix_product_form_are_evaluated_exactly():

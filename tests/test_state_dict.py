@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import DIM, assert_same_state, call, make_batches, snapshot
+from _helpers import DIM, assert_same_state, call, make_batches, record_levels, refuse, snapshot
 from _reference import ReferenceHead
 from _spectra import DIM as SPECTRA_DIM
 from _spectra import matrix_with_spectrum, stream_with_statistics
@@ -106,23 +106,52 @@ def test_auto_resume_between_steps_or_between_views_is_identical(where):
     assert_same_state(snapshot(straight), snapshot(resumed))
 
 
-@pytest.mark.parametrize("save_after", [1, 2])
-def test_resume_after_a_refused_refresh_continues_exactly(save_after):
-    """A refused refresh makes the next one exact; the resumed run must know it too."""
-    batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 5)]
-    options = dict(refresh="iterative", refresh_options={"squarings": 1})  # every iterative result refused
+@pytest.mark.parametrize("save_after", [1, 2, 3, 4])
+def test_resume_after_a_refused_refresh_continues_exactly(save_after, monkeypatch):
+    """The fallback after a refusal (thorough, then exact) is decided on the host one step late:
+    a resumed run must know the pending level and the level of the refresh still in flight."""
+    refuse(monkeypatch, "normal", "thorough")
+    levels = record_levels(monkeypatch)
+    batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 6)]
+    options = dict(refresh="iterative")
     straight = DirectPredHead(SPECTRA_DIM, **options)
     first = DirectPredHead(SPECTRA_DIM, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = [call(straight, z) for z in batches]
+        assert levels == ["normal", "thorough", "exact"] * 2
         got = [call(first, z) for z in batches[:save_after]]
         resumed = reload(first, **options)
         got += [call(resumed, z) for z in batches[save_after:]]
+    assert levels[6:] == levels[:6]
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     assert_same_state(snapshot(straight), snapshot(resumed))
-    assert straight.refresher.exact_refreshes == resumed.refresher.exact_refreshes > 0
+    assert straight.refresher.get_extra_state() == resumed.refresher.get_extra_state()
+    assert straight.refresher.exact_refreshes == resumed.refresher.exact_refreshes == 2
+    assert straight.refresher.thorough_refreshes == resumed.refresher.thorough_refreshes == 2
+
+
+@pytest.mark.parametrize("exact_next", [False, True])
+def test_a_refresher_state_saved_before_the_thorough_level_loads(exact_next, monkeypatch):
+    """``{"exact_next", "exact_refreshes"}`` (what state.py also writes for migrated version 1
+    and 2 checkpoints): a pending exact refresh stays the next refresh, as it was."""
+    levels = record_levels(monkeypatch)
+    batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 2)]
+    head = DirectPredHead(SPECTRA_DIM, refresh="iterative")
+    call(head, batches[0])
+    state = head.state_dict()
+    state["refresher._extra_state"] = {"exact_next": exact_next, "exact_refreshes": 3}
+    resumed = DirectPredHead(SPECTRA_DIM, refresh="iterative")
+    resumed.load_state_dict(state)
+    call(resumed, batches[1])
+    assert levels == ["normal", "exact" if exact_next else "normal"]
+    assert resumed.refresher.exact_refreshes == 3 + exact_next and resumed.refresher.thorough_refreshes == 0
+    assert resumed.refresher.get_extra_state() == {"next_level": "normal", "last_level": levels[-1],
+                                                   "exact_refreshes": 3 + exact_next, "thorough_refreshes": 0}
+    state["refresher._extra_state"] = {**resumed.refresher.get_extra_state(), "next_level": "eigh"}
+    with pytest.raises(ValueError, match="unknown refresh levels"):
+        resumed.load_state_dict(state)
 
 
 def test_resume_keeps_the_refresh_schedule_across_empty_and_skipped_steps():

@@ -1,13 +1,17 @@
 """No host-device waits in steady-state training, counted on the CPU (``_sync_counter.py``).
 
 The same check runs on a GPU under ``torch.cuda.set_sync_debug_mode("error")`` in
-``test_head.py``; this one runs everywhere, so a sync added to the hot path fails CI.
+``test_head.py``; this one runs everywhere, so a sync added to the hot path fails CI. A
+refused iterative result is recomputed thoroughly without a wait; only a second refusal in
+a row makes the next refresh exact, and that one waits.
 """
+
+import warnings
 
 import pytest
 import torch
 
-from _helpers import DIM, TinyBYOL, sgd_step, views
+from _helpers import DIM, TinyBYOL, record_levels, refuse, sgd_step, views
 from _sync_counter import SyncCounter
 from directpred_plugin import DirectPredHead
 
@@ -67,6 +71,53 @@ def test_the_exact_refresh_is_counted_as_waiting(freq):
     assert counter.counts["aten::_linalg_eigh (eigh)"] == refreshes
     assert counter.counts["aten::_local_scalar_dense (read)"] == refreshes
     assert counter.total == 2 * refreshes > 0
+
+
+def refusing_steady_state(monkeypatch, refused, **options):
+    """Like :func:`steady_state`, with the iterative refresh refusing every candidate of the
+    ``refused`` levels during the counted steps; also the level of each refresh run then."""
+    torch.manual_seed(0)
+    model = TinyBYOL(DirectPredHead(DIM, refresh="iterative", **{"calls_per_update": "auto", **options}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(WARM_UP):
+        sgd_step(model, optimizer, *views(step))
+    refuse(monkeypatch, *refused)
+    levels = record_levels(monkeypatch)
+    closes = model.head.schedule.steps
+    with warnings.catch_warnings(), SyncCounter() as counter:
+        warnings.simplefilter("ignore")  # the refusal's warning
+        for step in range(WARM_UP, WARM_UP + STEPS):
+            sgd_step(model, optimizer, *views(step))
+    assert counter.mirror_reads == model.head.schedule.steps - closes  # one per close, no wait
+    return counter, model.head, levels
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"freq": 3}, {"variant": "directcopy"}, {"trainable": True, "freq": 3},
+     {"trainable": True, "freq": 2, "calls_per_update": 1}],
+    ids=["directpred", "freq=3", "directcopy", "hybrid-freq=3", "hybrid-deferred"],
+)
+def test_a_refused_candidate_is_recomputed_thoroughly_without_a_wait_then_normal_again(options, monkeypatch):
+    """Every normal candidate refused: each refresh after one is thorough (float64, products
+    only) and accepted, the one after that normal again; nothing waits for the device."""
+    counter, head, levels = refusing_steady_state(monkeypatch, ["normal"], **options)
+    assert counter.total == 0, dict(counter.counts)
+    assert len(levels) >= 2 and levels == (["normal", "thorough"] * STEPS)[:len(levels)]
+    assert int(head.refresh_rejections) == levels.count("normal")  # every thorough one applied
+    assert head.refresher.thorough_refreshes == levels.count("thorough") and head.refresher.exact_refreshes == 0
+
+
+@pytest.mark.parametrize("freq", [1, 2])
+def test_a_refused_thorough_candidate_makes_the_next_refresh_exact_which_waits(freq, monkeypatch):
+    """Not vacuous: only the exact fallback after two refusals in a row waits, twice per exact refresh."""
+    counter, head, levels = refusing_steady_state(monkeypatch, ["normal", "thorough"], freq=freq)
+    assert "exact" in levels and levels == (["normal", "thorough", "exact"] * STEPS)[:len(levels)]
+    exact = levels.count("exact")
+    assert head.refresher.exact_refreshes == exact and head.refresher.thorough_refreshes == levels.count("thorough")
+    assert counter.counts["aten::_linalg_eigh (eigh)"] == exact
+    assert counter.counts["aten::_local_scalar_dense (read)"] == exact  # the exact rule's finiteness
+    assert counter.total == 2 * exact, dict(counter.counts)
 
 
 def test_public_refresh_and_diagnostics_read_the_device():
