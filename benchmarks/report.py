@@ -176,29 +176,30 @@ def _spread(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optiona
 
 
 def probe_table(results: Dict[str, Any]) -> List[str]:
-    """Markdown lines: kNN and linear top-1 at the first and the last probe epoch per predictor
+    """Markdown lines: kNN and linear top-1 at every probe epoch per predictor
     (none when the runs recorded no probes along training)."""
     runs = [r for r in results["runs"] if r.get("probes")]
     if not runs:
         return []
-    first, last = runs[0]["probes"]["epoch"][0], runs[0]["probes"]["epoch"][-1]
+    epochs = runs[0]["probes"]["epoch"]
+    header = [f"{probe}, epoch {epoch}" for probe in ("kNN", "linear") for epoch in epochs]
     lines = [
         "",
-        f"Along training (probes.png): top-1 (%) after epoch {first} (first probe) and epoch {last} (final), "
-        "probes fit on the clean training images and scored on the test images; mean ± std over seeds.",
+        f"Along training (probes.png): top-1 (%) after each probe epoch (the last, {epochs[-1]}, is the final "
+        "evaluation), probes fit on the clean training images and scored on the test images; mean ± std over seeds.",
         "",
-        f"| predictor | kNN, epoch {first} | kNN, epoch {last} | linear, epoch {first} | linear, epoch {last} |",
-        "|---|---:|---:|---:|---:|",
+        "| predictor | " + " | ".join(header) + " |",
+        "|---|" + "---:|" * len(header),
     ]
     for row in results["summary"]:
         mine = [r["probes"] for r in runs if r["predictor"] == row["predictor"]]
         cells = [_fmt(*_spread([p[key][at] for p in mine]), 100)
-                 for key in ("knn_top1", "linear_top1") for at in (0, -1)]
+                 for key in ("knn_top1", "linear_top1") for at in range(len(epochs))]
         lines.append(f"| {row['predictor']} | " + " | ".join(cells) + " |")
     base = results.get("untrained") or ()
     if base:
         knn, linear = (_fmt(*_spread([b[key] for b in base]), 100) for key in ("knn_top1", "linear_top1"))
-        lines.append(f"| *untrained backbone* | {knn} | {knn} | {linear} | {linear} |")
+        lines.append("| *untrained backbone* | " + " | ".join([knn] * len(epochs) + [linear] * len(epochs)) + " |")
     if not results["config"].get("probe_linear"):
         lines += ["", "Linear probe before the final epoch: not fitted (`--probe-linear` fits it)."]
     return lines

@@ -288,12 +288,17 @@ def test_probe_plot_and_table(probe_run):
     assert (probe_run / "probes.png").read_bytes()[:8] == PNG_MAGIC
     results = json.loads((probe_run / "results.json").read_text())
     table = (probe_run / "results.md").read_text()
-    assert "| predictor | kNN, epoch 1 | kNN, epoch 3 | linear, epoch 1 | linear, epoch 3 |" in table
+    epochs = results["runs"][0]["probes"]["epoch"]
+    assert epochs[-1] == 3 and len(epochs) > 2
+    header = " | ".join(f"{probe}, epoch {e}" for probe in ("kNN", "linear") for e in epochs)
+    assert f"| predictor | {header} |" in table
     assert "scored on the test images" in table.split("Along training")[1]
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     early = [r["probes"]["knn_top1"][0] for r in results["runs"] if r["predictor"] == "directpred"]
     mean = 100 * sum(early) / len(early)
     assert rows["directpred"].split(" | ")[1].startswith(f"{mean:.1f} ± ")
+    later = [r["probes"]["knn_top1"][1] for r in results["runs"] if r["predictor"] == "directpred"]
+    assert rows["directpred"].split(" | ")[2].startswith(f"{100 * sum(later) / len(later):.1f} ± ")
     assert "*untrained backbone*" in rows and "not fitted" not in table
 
 
