@@ -58,8 +58,11 @@ class WeightSnapshots:
             self.step_generation, self.step_version = self.generation, weight._version
             if trainable:  # the optimizer may have moved W_p since the last step
                 self._copy = None
-        elif self.step_generation != self.generation or self.step_version != weight._version:
-            self.mixed = True  # a refresh, or an optimizer step inside the step, moved W_p
+        elif self.step_generation != self.generation or (trainable and self.step_version != weight._version):
+            # A refresh moved W_p, or (trainable) an optimizer step inside the step, or a copy of the
+            # head whose W_p is another tensor: no recomputation can be sure of this step's W_p.
+            # A buffer W_p is written only by refreshes (DDP's buffer broadcast rewrites equal values).
+            self.mixed = True
         if self._copy is None or self._copy[0] != self.generation:
             self._copy = (self.generation, weight.detach().clone())
             self._casts = {}

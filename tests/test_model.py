@@ -403,6 +403,9 @@ class HeadMachine(RuleBasedStateMachine):
             model.boundary = model.boundary and (model.deferred or (model.auto and bool(model.pool)))
         elif how == "deepcopy":
             self.reattach(copy.deepcopy(self.head))
+            if self.config["trainable"] and self.model.step_attempts:
+                # the copy's W_p is another parameter: which W_p the step's calls used is no longer sure
+                self.model.step_attempts.append(None)
         elif not self.config["trainable"]:  # a trainable W_p would be rounded by the trip, as documented
             self.head.to(torch.float64).to(torch.float16).float()
         self.model.refreshed = False
