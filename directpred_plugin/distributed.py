@@ -1,4 +1,4 @@
-"""The one collective the head needs: summing its batch statistics over ranks."""
+"""The one collective the head needs (summing its batch statistics over ranks), and who the ranks are."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ import torch
 import torch.distributed as dist
 
 
+def initialized() -> bool:
+    """Whether ``torch.distributed`` is available and its default process group initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size(group: Optional[Any] = None) -> int:
     """Number of ranks in ``group``; 1 when ``torch.distributed`` is unavailable or not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(group) if initialized() else 1
+
+
+def rank(group: Optional[Any] = None) -> int:
+    """This process's rank in ``group``; 0 when ``torch.distributed`` is unavailable or not initialised."""
+    return dist.get_rank(group) if initialized() else 0
 
 
 def all_reduce_sum_(tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:

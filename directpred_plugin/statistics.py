@@ -12,11 +12,10 @@ import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .calls import autocast_disabled
-from .distributed import all_reduce_sum_, world_size
+from .distributed import all_reduce_sum_, initialized, rank, world_size
 from .functional import collapse_indicator
 from .rules import all_finite, largest_magnitude
 
@@ -136,11 +135,8 @@ class RunningStats(nn.Module):
         return pool, (torch.zeros(dim, dtype=dtype, device=device) if self.center else None)
 
     def pool(self) -> Pool:
-        """This rank's open pool (moments about :meth:`shift` with ``center``)."""
+        """This rank's open pool (with ``center``, moments about the pool's shift)."""
         return self._pool
-
-    def shift(self) -> Optional[Tensor]:
-        return self._shift
 
     def reduces(self) -> bool:
         """Whether a fold sums the pool over ranks (``sync_dist`` and more than one rank)."""
@@ -154,7 +150,7 @@ class RunningStats(nn.Module):
         """Sum the open pool over ranks, fold it into the estimate and empty it."""
         pool, shift = self._pool, self._shift
         if self._unclaimed is not None:  # loaded before the ranks were known: rank 0's alone
-            if self.reduces() and _rank(self.process_group) != 0:
+            if self.reduces() and rank(self.process_group) != 0:
                 for mine, loaded in zip(pool, self._unclaimed):
                     mine.sub_(loaded)
             self._unclaimed = None
@@ -226,13 +222,13 @@ class RunningStats(nn.Module):
         device = self.corr.device
         pool = Pool(*(saved[name].to(device=device, dtype=self.stats_dtype).clone() for name in Pool._fields))
         shift = saved["shift"].to(device=device, dtype=self.stats_dtype).clone() if self.center else None
+        # A saved pool is the whole pool of its run: rank 0 continues it, the other ranks start empty.
         self._unclaimed = None
-        if self.sync_dist and dist.is_available() and dist.is_initialized():
-            # A saved pool is the whole pool of its run: rank 0 continues it, the other ranks start empty.
-            if self.reduces() and _rank(self.process_group) != 0:
+        if self.reduces():
+            if rank(self.process_group) != 0:
                 for tensor in pool:
                     tensor.zero_()
-        elif self.sync_dist:  # the ranks are not known yet: decided at the first fold
+        elif self.sync_dist and not initialized():  # the ranks are not known yet: decided at the first fold
             self._unclaimed = Pool(*(tensor.clone() for tensor in pool))
         self._pool, self._shift = pool, shift
 
@@ -277,7 +273,3 @@ def _all_reduce_pool(pool: Pool, shift: Optional[Tensor], mean: Optional[Tensor]
     packed = torch.cat([pool.outer.flatten(), pool.total, pool.rows.reshape(1)])
     all_reduce_sum_(packed, group)
     return Pool(packed[: dim * dim].view(dim, dim), packed[dim * dim : dim * dim + dim], packed[-1]), shift
-
-
-def _rank(group: Optional[Any]) -> int:
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
