@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
-from typing import Any, Dict, Optional, Union
+import weakref
+import zlib
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import diagnostics
-from .calls import CHECKPOINT_ERROR, WeightSnapshots, autocast_disabled, in_reentrant_checkpoint, inside_backward, linear
-from .options import HeadOptions, OptionAttributes, head_options
-from .refresh import Refresher
-from .schedule import CounterMirror, StepSchedule
-from .state import migrate_state_dict
-from .statistics import RunningStats
-from .streams import SideStream
+from . import functional
+from .distributed import initialized, rank, world_size
+from .functional import Pool, empty_pool
+from .options import AUTO, check_head_options
+from .refresh import build_strategies, refresh_weight_
+from .rules import VARIANTS, RuleOptions
+from .steps import (CHECKPOINT_ERROR, EXACT, THOROUGH, Steps, autocast_disabled, in_reentrant_checkpoint,
+                    inside_backward, linear, upstream_parameters)
 
 __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
 CallsPerUpdate = Union[int, str]
+#: The layout of the tensor a head saves as its extra state (``state_dict()[prefix + "_extra_state"]``).
+_FORMAT = 5
+_HEADER = 4  # format, dim, variant, center
+_NUM_UPDATES, _NUM_SKIPPED, _REFRESHED_AT, _REFRESH_REJECTIONS = range(4)
+#: Heads whose step waits for an optimizer step (told by torch's optimizer hook).
+_WAITING: "weakref.WeakSet[DirectPredHead]" = weakref.WeakSet()
+_optimizer_hook: Optional[Any] = None
 
 
-class DirectPredHead(OptionAttributes, nn.Module):
+class DirectPredHead(nn.Module):
     """Predictor set in closed form from the correlation of its input (DirectPred and its family).
 
     Non-contrastive SSL (BYOL, SimSiam) avoids collapse because the predictor ``W_p`` aligns
@@ -31,85 +42,129 @@ class DirectPredHead(OptionAttributes, nn.Module):
     of learning it; ``variant`` picks another member of the family
     (:data:`directpred_plugin.VARIANTS`). Each training-mode call returns ``z @ W_p^T`` and
     pools the batch's moments; each training step folds its pool into ``F_hat`` and every
-    ``freq``-th step refreshes ``W_p``. ``calls_per_update="auto"`` makes one update per step
-    (the calls between two backward passes, every view of the step). The options, the
+    ``freq``-th step refreshes ``W_p``. A step is what the optimizer steps: with
+    ``calls_per_update="auto"`` (the default) every call between two optimizer steps (every
+    view, every micro-batch of gradient accumulation) pools into one update. The options, the
     training conditions and the pipeline are described in the documentation.
+
+    Running statistics are kept like ``torch.nn.BatchNorm``'s: ``weight`` (``W_p``), ``corr``
+    (``F_hat``) and, with ``center``, ``mean`` are buffers (``weight`` a parameter when
+    ``trainable``); the counters, the open pool and the step schedule are saved as one tensor,
+    the module's extra state.
 
     - [0]: Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics without
       contrastive pairs", ICML 2021, https://arxiv.org/abs/2102.06810
 
     Examples:
-        >>> predictor = DirectPredHead(256, calls_per_update="auto")  # BYOL's 256-4096-256 MLP
+        >>> predictor = DirectPredHead(256)  # replaces BYOL's 256-4096-256 MLP
         >>> p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
     """
 
-    _version = 4
+    _version = _FORMAT
     weight: Tensor
+    corr: Tensor
+    mean: Optional[Tensor]
 
     def __init__(self, dim: int, *, rho: float = 0.3, eps: float = 0.01, freq: int = 1,
                  variant: str = "directpred", trainable: bool = False, center: bool = False,
-                 calls_per_update: CallsPerUpdate = 1, stats_dtype: torch.dtype = torch.float32,
+                 calls_per_update: CallsPerUpdate = AUTO, stats_dtype: torch.dtype = torch.float32,
                  sync_dist: bool = True, process_group: Optional[Any] = None, refresh: str = "auto",
                  refresh_options: Optional[Dict[str, Any]] = None, alpha: Optional[float] = None,
                  eps_inside: bool = False, ridge: float = 0.0, weight_momentum: float = 0.0) -> None:
         super().__init__()
-        self.options: HeadOptions = head_options(
+        options = check_head_options(
             dim, rho=rho, eps=eps, freq=freq, variant=variant, trainable=trainable, center=center,
             calls_per_update=calls_per_update, stats_dtype=stats_dtype, sync_dist=sync_dist,
             process_group=process_group, refresh=refresh, refresh_options=refresh_options, alpha=alpha,
             eps_inside=eps_inside, ridge=ridge, weight_momentum=weight_momentum)
-        o = self.options
-        self.stats = RunningStats(o.dim, rho=o.rho, center=o.center, stats_dtype=o.stats_dtype,
-                                  sync_dist=o.sync_dist, process_group=o.process_group)
-        self.refresher = Refresher(o)
-        if o.trainable:  # the optimizer's, so it follows the module's dtype
-            self.weight = nn.Parameter(torch.eye(o.dim))
+        self.dim: int = options["dim"]
+        self.rho: float = options["rho"]
+        self.eps: float = options["eps"]
+        self.freq: int = options["freq"]
+        self.variant: str = options["variant"]
+        self.alpha: float = options["alpha"]
+        self.eps_inside: bool = options["eps_inside"]
+        self.trainable: bool = options["trainable"]
+        self.center: bool = options["center"]
+        self.stats_dtype: torch.dtype = options["stats_dtype"]
+        self.sync_dist: bool = options["sync_dist"]
+        self.process_group = options["process_group"]
+        self.refresh_strategy: str = options["refresh"]
+        self.refresh_options: Dict[str, Any] = options["refresh_options"]
+        self.ridge: float = options["ridge"]
+        self.weight_momentum: float = options["weight_momentum"]
+        # plain objects, not submodules: they hold no tensors and no state
+        self._strategies = build_strategies(self.refresh_strategy, self.dim, self.refresh_options)
+        if self.trainable:  # the optimizer's, so it follows the module's dtype
+            self.weight = nn.Parameter(torch.eye(self.dim))
         else:
-            self.register_buffer("weight", torch.eye(o.dim, dtype=o.stats_dtype))
-        self.schedule = StepSchedule(o.freq, o.calls_per_update)
-        self.mirror = CounterMirror()
-        self.snapshots = WeightSnapshots()  # within a step only, never saved
-        self.side_stream = SideStream()  # where the step's end runs when a backward pass triggers it
+            self.register_buffer("weight", torch.eye(self.dim, dtype=self.stats_dtype))
+        self.register_buffer("corr", torch.zeros(self.dim, self.dim, dtype=self.stats_dtype))
+        self.register_buffer("mean", torch.zeros(self.dim, dtype=self.stats_dtype) if self.center else None)
+        # Not buffers: counters are not averaged by weight averaging, and this rank's open pool is
+        # not overwritten by DDP's buffer broadcast. Saved in the extra state.
+        self._counters = torch.zeros(4, dtype=torch.long)
+        self._pool, self._shift = self._empty_pool(torch.device("cpu"))
+        self._unclaimed: Optional[Pool] = None  # a loaded pool not yet known to be this rank's
+        self.steps = Steps(self.freq, options["calls_per_update"])
         self._warned: set = set()
+
+    # ------------------------------------------------------------------ state read by users
+    @property
+    def calls_per_update(self) -> CallsPerUpdate:
+        return AUTO if self.steps.calls_per_update is None else self.steps.calls_per_update
+
+    num_updates = property(lambda self: self._counters[_NUM_UPDATES], doc="Folded updates of ``F_hat`` (0-dim).")
+    num_skipped = property(lambda self: self._counters[_NUM_SKIPPED], doc="Steps skipped as not representable.")
+    refreshed_at = property(lambda self: self._counters[_REFRESHED_AT], doc="``num_updates`` at the last refresh.")
+    refresh_rejections = property(lambda self: self._counters[_REFRESH_REJECTIONS],
+                                  doc="Refresh candidates refused (an iterative bound above ``tol``, or a failure).")
 
     # ------------------------------------------------------------------ forward
     def forward(self, z: Tensor) -> Tensor:
         self._check_input(z)
         if self.training and torch.is_grad_enabled():
             return self._training_call(z)
-        if self.training:  # training mode without autograd: where reentrant checkpointing runs
-            self.snapshots.untracked += 1
-            if in_reentrant_checkpoint():
-                raise RuntimeError(CHECKPOINT_ERROR.format("reentrant checkpointing runs the forward under "
-                                                           "no_grad, where the head collects no statistics"))
+        if self.training and in_reentrant_checkpoint():
+            raise RuntimeError(CHECKPOINT_ERROR.format("reentrant checkpointing runs the forward under "
+                                                       "no_grad, where the head collects no statistics"))
         return linear(z, self.weight if self.trainable else self.weight.detach().clone())
 
     @torch.compiler.disable
     def _training_call(self, z: Tensor) -> Tensor:
         """One training-mode call, eager under torch.compile: the schedule is decided on the host."""
+        steps = self.steps
         if inside_backward():  # activation checkpointing recomputes the forward
-            return linear(z, self.snapshots.for_recomputation(self.weight, self.trainable, z.dtype))
-        self._begin_call()
-        weight = self.snapshots.for_call(self.weight, self.trainable, z.dtype)
-        if not (z.requires_grad or self.trainable) and self.options.auto_steps:
+            return linear(z, steps.weight_for_recomputation(self.weight, self.trainable, z.dtype))
+        self._check_rank_local_statistics()
+        if steps.pool_ended():  # an update other than torch.optim's (or the optimizer hook missed it)
+            self._end_step()
+        weight, snapshot = steps.weight_for_call(self.weight, self.trainable, z.dtype)
+        if not (z.requires_grad or self.trainable) and steps.auto:
             # No backward pass can reach this call, so it is a step of its own.
-            self._close(lambda: self.stats.fold_batch(z), in_step=False, empties_pool=False)
+            self._close(batch=z)
             return linear(z, weight)
-        with torch.no_grad():
-            self.stats.collect(z, opens_pool=self.schedule.calls == 0)
-        if self.schedule.add_call():
-            self._close(self.stats.fold, in_step=True)
+        if not steps.watching():
+            watched = upstream_parameters(z)
+            steps.watch(watched + [self.weight] if self.trainable else watched)
+        self._collect(z, opens_pool=steps.calls == 0)
+        if steps.add_call():
+            self._close()
         out = linear(z, weight)
-        for tensor in (z, out):  # whichever a backward pass reaches first ends the step
-            if tensor.requires_grad:
-                tensor.register_hook(self._mark_backward)
+        if out.requires_grad:
+            steps.record(out, snapshot, _weak_method(self._backward_reached))
         return out
 
-    def _mark_backward(self, grad: Tensor) -> None:
-        # The step's statistics are complete once its backward pass reaches the head: close it
-        # here, beside the rest of the backward pass, not at the next step's first call.
-        if self.schedule.mark_backward():
-            self.side_stream.run(self.weight.device, lambda: self._close(self.stats.fold, in_step=True))
+    def _backward_reached(self) -> None:
+        steps = self.steps
+        if steps.backward_reached():  # nothing to watch: the backward pass ends the step, beside the rest of it
+            steps.run_beside_backward(self.weight.device, self._close)
+        elif steps.waits_for_update():
+            _wait_for_optimizer_step(self)
+
+    def _end_step(self) -> None:
+        _WAITING.discard(self)
+        self.steps.run_beside_backward(self.weight.device, self._close)
 
     @torch.no_grad()
     def update(self, z: Tensor) -> None:
@@ -119,115 +174,245 @@ class DirectPredHead(OptionAttributes, nn.Module):
         counts as one call. Collective under DDP: every rank must call it equally often.
         """
         self._check_input(z)
-        self._begin_call()
-        if self.options.auto_steps:
-            self._close(lambda: self.stats.fold_batch(z), in_step=False, empties_pool=False)
+        if self.steps.auto:
+            self._close(batch=z)
             return
-        self.stats.collect(z, opens_pool=self.schedule.calls == 0)
-        if self.schedule.add_call():
-            self._close(self.stats.fold, in_step=False)
+        self._collect(z, opens_pool=self.steps.calls == 0)
+        if self.steps.add_call():
+            self._close()
 
-    def _begin_call(self) -> None:
-        if not self.schedule.begin_call():
-            return
-        self.snapshots.new_step()  # a backward pass ran: a new step
-        if self.schedule.pool_ended():  # a step saved after its backward pass by an older release
-            self._close(self.stats.fold, in_step=False)
-        if self.schedule.take_deferred():
-            self._refresh()
+    # ------------------------------------------------------------------ statistics
+    def _empty_pool(self, device: torch.device) -> tuple:
+        pool = empty_pool(self.dim, self.stats_dtype, device)
+        return pool, (torch.zeros(self.dim, dtype=self.stats_dtype, device=device) if self.center else None)
 
-    def _close(self, fold: Any, *, in_step: bool, empties_pool: bool = True) -> None:
-        """End a step: fold its statistics, then refresh on schedule."""
+    def _collect(self, z: Tensor, opens_pool: bool, pool: Optional[Pool] = None,
+                 shift: Optional[Tensor] = None) -> None:
+        # moments in stats_dtype even inside the caller's autocast region (it would run x^T x in bf16)
+        with torch.no_grad(), autocast_disabled(z.device.type):
+            x = z.detach().to(self.stats_dtype)
+            if pool is None:
+                pool, shift = self._pool, self._shift
+            functional.pool_moments_(pool, shift, x, opens_pool=opens_pool, mean=self.mean)
+
+    def _reduces(self) -> bool:
+        return self.sync_dist and world_size(self.process_group) > 1
+
+    def _close(self, batch: Optional[Tensor] = None) -> None:
+        """End a step: fold the open pool (or ``batch`` as an update of its own), refresh on schedule."""
+        steps = self.steps
         with torch.no_grad(), autocast_disabled(self.weight.device.type):
-            grown = self.mirror.receive()
+            grown = steps.receive_counters()
             if grown[0] > 0:
                 self._warn_once("nonfinite", _SKIP_WARNING)
             if grown[1] > 0:
-                self.refresher.rejection_learned()
+                steps.rejection_learned()
                 self._warn_once("refresh", _REJECTION_WARNING)
-            fold()
-            if self.schedule.close(empties_pool=empties_pool):
-                # A trainable W_p is refreshed after the optimizer used this step's gradient.
-                if in_step and self.trainable:
-                    self.schedule.deferred = True
-                else:
-                    self._refresh()
-            self.mirror.send(torch.stack([self.stats.num_skipped, self.refresher.refresh_rejections]))
+            if batch is None:
+                pool, shift = self._pool, self._shift
+                self._claim_loaded_pool()
+            else:
+                pool, shift = self._empty_pool(batch.device)
+                self._collect(batch, True, pool, shift)
+            if self._reduces():
+                pool, shift = functional.all_reduce_pool(pool, shift, self.mean, self.process_group)
+            counters = self._counters
+            _, skipped = functional.fold_(self.corr, self.mean, counters[_NUM_UPDATES], pool, self.rho, shift)
+            counters[_NUM_SKIPPED].add_(skipped)
+            if batch is None:
+                for tensor in self._pool:
+                    tensor.zero_()
+            if steps.close(empties_pool=batch is None):
+                self._refresh()
+            steps.send_counters(counters[[_NUM_SKIPPED, _REFRESH_REJECTIONS]])
+
+    def _claim_loaded_pool(self) -> None:
+        if self._unclaimed is not None:  # loaded before the ranks were known: rank 0's alone
+            if self._reduces() and rank(self.process_group) != 0:
+                for mine, loaded in zip(self._pool, self._unclaimed):
+                    mine.sub_(loaded)
+            self._unclaimed = None
 
     def _refresh(self, force: bool = False) -> Tensor:
-        self.snapshots.changed()
-        # wherever it runs (a deferred refresh lands inside the caller's autocast region)
+        strategy, thorough, exact = self._strategies
+        variant = VARIANTS[self.variant]
+        rule = RuleOptions(eps=self.eps, alpha=self.alpha, eps_inside=self.eps_inside)
+        counters = self._counters
+        stats = self.corr
+        level = self.steps.refresh_level(_is_exact(strategy, stats, variant, rule), thorough is not None)
+        chosen = {THOROUGH: thorough, EXACT: exact}.get(level, strategy)
+        changed = counters[_NUM_UPDATES] > (0 if force else counters[_REFRESHED_AT])
         with torch.no_grad(), autocast_disabled(self.weight.device.type):
-            return self.refresher.refresh_(self.weight.detach(), self.stats.corr, self.stats.num_updates, force=force)
+            return refresh_weight_(
+                self.weight.detach(), stats, chosen, variant, rule, changed=changed,
+                refreshed_at=counters[_REFRESHED_AT], num_updates=counters[_NUM_UPDATES],
+                refresh_rejections=counters[_REFRESH_REJECTIONS], ridge=self.ridge,
+                weight_momentum=self.weight_momentum)
 
     def refresh(self) -> bool:
         """Recompute ``W_p`` from the current estimate now; False if it was kept (reads the result)."""
         return bool(self._refresh(force=True))
 
-    # ------------------------------------------------------------- diagnostics
+    def _check_rank_local_statistics(self) -> None:
+        """Rank-local statistics (``sync_dist=False``) must not be replaced by rank 0's at each forward."""
+        if self.sync_dist or not initialized() or world_size() == 1:
+            return
+        ddp = _enclosing_ddp()
+        if ddp is None or not getattr(ddp, "broadcast_buffers", True):
+            return
+        if any(buffer is self.corr for buffer in getattr(ddp, "modules_buffers", [self.corr])):
+            raise RuntimeError(
+                "DirectPredHead(sync_dist=False) keeps rank-local statistics, but the DistributedDataParallel "
+                "around it broadcasts rank 0's buffers at every forward (broadcast_buffers=True, the default; "
+                "forward_sync_buffers in newer PyTorch), which would replace every rank's F_hat and W_p with rank "
+                "0's. Wrap the model with DistributedDataParallel(..., broadcast_buffers=False) (Lightning: "
+                "DDPStrategy(broadcast_buffers=False)), or use sync_dist=True.")
+
+    # ------------------------------------------------------------------ diagnostics
     def effective_corr(self) -> Tensor:
         """The matrix ``W_p`` is computed from: ``F_hat``, or the covariance with ``center``."""
-        return self.stats.corr
+        return self.corr
 
+    @torch.no_grad()
     def spectra(self) -> Dict[str, Tensor]:
         """Eigenvalues (descending, float64) of ``F_hat`` and of the symmetric part of ``W_p``."""
-        return diagnostics.spectra(self)
+        weight = self.weight.detach().double()
+        return {"corr": torch.linalg.eigvalsh(self.corr.double()).flip(0),
+                "weight": torch.linalg.eigvalsh((weight + weight.mT) / 2).flip(0)}
 
+    @torch.no_grad()
     def alignment(self) -> float:
-        """Eigenspace alignment of ``W_p`` with ``F_hat``; 1 for the exact DirectPred rule."""
-        return diagnostics.alignment(self)
+        """Eigenspace alignment of ``W_p`` with ``F_hat``; 1 for the exact DirectPred rule, NaN before any update."""
+        if int(self.num_updates) == 0:
+            return float("nan")
+        return float(functional.eigenspace_alignment(self.weight, self.corr))
 
+    @torch.no_grad()
     def diagnostics(self) -> Dict[str, float]:
         """Scalars for logging, named after the state they read (two float64 eigendecompositions)."""
-        return diagnostics.diagnostics(self)
+        corr, weight = self.spectra().values()
+        counters = self._counters.tolist()
+        updates = counters[_NUM_UPDATES]
+        nan = float("nan")
+        return {
+            "alignment": self.alignment(),
+            "corr_eig_max": float(corr[0]), "corr_eig_min": float(corr[-1]),
+            "corr_effective_rank": float(functional.effective_rank(corr)) if updates else nan,
+            "rankme": float(functional.rankme(corr)) if updates else nan,
+            "weight_eig_max": float(weight[0]), "weight_eig_min": float(weight[-1]),
+            "num_updates": float(updates), "num_skipped": float(counters[_NUM_SKIPPED]),
+            "num_steps": float(self.steps.steps),
+            "refresh_rejections": float(counters[_REFRESH_REJECTIONS]),
+            "exact_refreshes": float(self.steps.exact_refreshes),
+            "thorough_refreshes": float(self.steps.thorough_refreshes),
+        }
 
-    # ------------------------------------------------------------ bookkeeping
+    # ------------------------------------------------------------------ bookkeeping
     def reset_running_stats(self) -> None:
         """Forget all statistics, counters and schedule; ``W_p`` back to the identity."""
         with torch.no_grad():
-            self.stats.reset_running_stats()
-            self.refresher.reset()
-            self.weight.copy_(torch.eye(self.options.dim, dtype=self.weight.dtype, device=self.weight.device))
-        self.schedule.reset()
-        self.mirror.reset()
-        self.snapshots = WeightSnapshots()
+            self.corr.zero_()
+            if self.mean is not None:
+                self.mean.zero_()
+            self._counters.zero_()
+            self.weight.copy_(torch.eye(self.dim, dtype=self.weight.dtype, device=self.weight.device))
+        self._pool, self._shift = self._empty_pool(self.corr.device)
+        self._unclaimed = None
+        self.steps.reset()
+        _WAITING.discard(self)
 
-    def get_extra_state(self) -> Dict[str, Any]:
-        if self.schedule.calls and self.stats.reduces():
+    def get_extra_state(self) -> Tensor:
+        """The counters, the schedule and the open pool, as one float64 tensor (read on the host)."""
+        steps = self.steps
+        if steps.calls and self._reduces():
             raise RuntimeError(
-                f"DirectPredHead cannot be saved with an open pool of {self.schedule.calls} call(s) under "
+                f"DirectPredHead cannot be saved with an open pool of {steps.calls} call(s) under "
                 "torch.distributed: each rank holds its own part until the pool is folded. Save between "
-                "steps (with calls_per_update='auto' a step's pool is folded by its backward pass), or after "
-                "a multiple of calls_per_update calls.")
-        return {"schedule": self.schedule.state_dict(), "mirror": self.mirror.state_dict()}
+                "steps (with calls_per_update='auto' a step's pool is folded when its optimizer step ran), "
+                "or after a multiple of calls_per_update calls.")
+        header = [_FORMAT, self.dim, _variant_id(self.variant), int(self.center)]
+        numbers = torch.tensor(header + steps.state() + [0] * 4 + [int(steps.calls > 0)], dtype=torch.float64)
+        numbers[_HEADER + Steps.STATE_SIZE:-1] = self._counters.detach().to("cpu", torch.float64)
+        parts = [numbers]
+        if steps.calls:
+            pool = [self._pool.rows.reshape(1), self._pool.total]
+            pool += [self._shift] if self._shift is not None else []
+            parts += [tensor.detach().to("cpu", torch.float64).flatten() for tensor in (*pool, self._pool.outer)]
+        return torch.cat(parts)
 
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state["schedule"])
-        self.mirror.load_state_dict(state["mirror"])
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        metadata = getattr(destination, "_metadata", None)  # lets a load refuse before copying anything
-        if metadata is not None:
-            metadata.setdefault(prefix[:-1], {}).update(dim=self.options.dim, variant=self.options.variant)
+    def set_extra_state(self, state: Any) -> None:
+        values = _check_saved_state(state, self.dim, self.variant, self.center, "the head")
+        offset = _HEADER + Steps.STATE_SIZE
+        self.steps.load_state(values[_HEADER:offset].long().tolist())
+        with torch.no_grad():
+            self._counters.copy_(values[offset:offset + 4].to(torch.long))
+        device = self.corr.device
+        pool, shift = self._empty_pool(device)
+        self._unclaimed = None
+        if values[offset + 4] > 0:
+            dim, rest = self.dim, values[offset + 5:].to(device=device, dtype=self.stats_dtype)
+            pool.rows.copy_(rest[0])
+            pool.total.copy_(rest[1:1 + dim])
+            if shift is not None:
+                shift.copy_(rest[1 + dim:1 + 2 * dim])
+            pool.outer.copy_(rest[-dim * dim:].view(dim, dim))
+            # A saved pool is the whole pool of its run: rank 0 continues it, the other ranks start empty.
+            if self._reduces():
+                if rank(self.process_group) != 0:
+                    for tensor in pool:
+                        tensor.zero_()
+            elif self.sync_dist and not initialized():  # the ranks are not known yet: decided at the first fold
+                self._unclaimed = Pool(*(tensor.clone() for tensor in pool))
+        self._pool, self._shift = pool, shift
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        migrate_state_dict(self, state_dict, prefix, local_metadata)
+        where = prefix[:-1] or "the head"
+        earlier = [key for key in state_dict if key.startswith((prefix + "stats.", prefix + "refresher."))]
+        saved = state_dict.get(prefix + "_extra_state")
+        if earlier or (saved is not None and not isinstance(saved, Tensor)):
+            raise RuntimeError(
+                f"cannot load {where}: the checkpoint was saved by a development version of DirectPredHead "
+                f"before format {_FORMAT} (keys such as {(earlier or [prefix + '_extra_state'])[0]!r}); "
+                "retrain, or load it with the version that saved it.")
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, Tensor) and weight.shape != self.weight.shape:
+            raise RuntimeError(
+                f"cannot load a DirectPredHead checkpoint with dim={weight.shape[-1]} into a head with "
+                f"dim={self.dim} ({where}); build the head with the checkpoint's settings.")
+        if saved is not None:
+            _check_saved_state(saved, self.dim, self.variant, self.center, where)
+        has_mean = isinstance(state_dict.get(prefix + "mean"), Tensor)
+        if has_mean != self.center and (has_mean or saved is not None or isinstance(weight, Tensor)):
+            raise RuntimeError(
+                f"cannot load a DirectPredHead checkpoint with center={has_mean} into a head with "
+                f"center={self.center} ({where}): the saved statistics are a "
+                f"{'covariance' if has_mean else 'correlation'}; build the head with center={has_mean}.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self.snapshots = WeightSnapshots()  # W_p was overwritten: a new record, no stale copy
+        self.steps.drop_copies()  # W_p was overwritten
+        _WAITING.discard(self)
 
     def _apply(self, fn, recurse=True):
-        weight = self.weight
+        before = {name: buffer for name, buffer in self.named_buffers(recurse=False)}
         super()._apply(fn, recurse)
-        if not self.trainable and self.weight.dtype != weight.dtype:  # a buffer W_p keeps stats_dtype
-            self.weight = weight.to(device=self.weight.device)
-        self.snapshots.drop()
+        # Statistics (and a buffer W_p) keep their dtype through .half()/.to(dtype): only their device follows.
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new is not None and old is not None and new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        device = self.corr.device
+        self._counters = self._counters.to(device)
+        self._pool = Pool(*(tensor.to(device) for tensor in self._pool))
+        if self._shift is not None:
+            self._shift = self._shift.to(device)
+        if self._unclaimed is not None:
+            self._unclaimed = Pool(*(tensor.to(device) for tensor in self._unclaimed))
+        self.steps.drop_copies()
         return self
 
     def _check_input(self, z: Tensor) -> None:
-        dim = self.options.dim
+        dim = self.dim
         if not isinstance(z, Tensor):
             raise TypeError(f"DirectPredHead expects a torch.Tensor of shape (batch, {dim}), got {type(z).__name__}")
         if z.dim() != 2 or z.shape[1] != dim:
@@ -241,18 +426,72 @@ class DirectPredHead(OptionAttributes, nn.Module):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
-        o = self.options
-        return (f"dim={o.dim}, variant={o.variant!r}, rho={o.rho}, eps={o.eps}, freq={o.freq}, "
-                f"calls_per_update={self.calls_per_update!r}, trainable={o.trainable}, refresh={o.refresh!r}")
+        return (f"{self.dim}, variant={self.variant!r}, rho={self.rho}, eps={self.eps}, freq={self.freq}, "
+                f"trainable={self.trainable}, refresh={self.refresh_strategy!r}")
 
-    # The owners' state under the names earlier releases used.
-    corr = property(lambda self: self.stats.corr)
-    mean = property(lambda self: self.stats.mean)
-    num_updates = property(lambda self: self.stats.num_updates)
-    num_skipped = property(lambda self: self.stats.num_skipped)
-    last_collapse = property(lambda self: self.stats.last_collapse)
-    refreshed_at = property(lambda self: self.refresher.refreshed_at)
-    refresh_rejections = property(lambda self: self.refresher.refresh_rejections)
+
+def _is_exact(strategy: Any, stats: Tensor, variant: Any, rule: RuleOptions) -> bool:
+    return bool(strategy.is_exact(stats, variant, rule))
+
+
+def _variant_id(variant: str) -> int:
+    return zlib.crc32(variant.encode())
+
+
+def _check_saved_state(state: Any, dim: int, variant: str, center: bool, where: str) -> Tensor:
+    """The saved extra state as float64 values, after refusing one of another configuration."""
+    if not isinstance(state, Tensor) or state.dim() != 1 or state.numel() < _HEADER + Steps.STATE_SIZE + 5:
+        raise RuntimeError(f"cannot load {where}: its saved state is not a DirectPredHead format {_FORMAT} state")
+    values = state.detach().to("cpu", torch.float64)
+    version, saved_dim, saved_variant, saved_center = (int(v) for v in values[:_HEADER])
+    if version != _FORMAT:
+        raise RuntimeError(f"cannot load {where}: saved in format {version}, this DirectPredHead reads format {_FORMAT}")
+    names = {_variant_id(name): name for name in VARIANTS}
+    for option, saved, own in (("dim", saved_dim, dim), ("variant", names.get(saved_variant, "unknown"), variant),
+                               ("center", bool(saved_center), center)):
+        if saved != own:
+            raise RuntimeError(
+                f"cannot load a DirectPredHead checkpoint with {option}={saved!r} into a head with "
+                f"{option}={own!r} ({where}); build the head with the checkpoint's settings.")
+    return values
+
+
+def _enclosing_ddp() -> Optional[Any]:
+    """The DistributedDataParallel whose forward this call runs inside, if any."""
+    ddp_type = torch.nn.parallel.DistributedDataParallel
+    frame = sys._getframe(2)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ddp_type):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _weak_method(method: Any) -> Any:
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
+
+
+def _wait_for_optimizer_step(head: DirectPredHead) -> None:
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+    _WAITING.add(head)
+
+
+def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    # End the steps this optimizer step ended now, not at the next call: the fold and refresh then
+    # overlap the caller's next work on CUDA, and state saved after the step is complete.
+    for head in list(_WAITING):
+        if head.steps.pool_ended(optimizer_stepped=True):
+            head._end_step()
 
 
 _SKIP_WARNING = (

@@ -1,8 +1,8 @@
 """Every option the head, its refresh strategies and the adapters take, validated in one place.
 
-:func:`head_options` checks each :class:`~directpred_plugin.DirectPredHead` option on its
-own and against the others (an option that means nothing for the chosen variant is
-refused, not ignored) and returns them as one frozen :class:`HeadOptions`. The ``check_*``
+:func:`check_head_options` checks each :class:`~directpred_plugin.DirectPredHead` option on
+its own and against the others (an option that means nothing for the chosen variant is
+refused, not ignored) and returns them cleaned. The ``check_*``
 helpers are the single source of the messages: ``"<name> must be <what>, got <value>"``.
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
 
@@ -19,9 +18,8 @@ from .rules import VARIANTS, RuleOptions
 
 __all__ = [
     "AUTO",
-    "HeadOptions",
-    "OptionAttributes",
-    "head_options",
+    "REFRESH_NAMES",
+    "check_head_options",
     "iterative_form",
     "check_int",
     "check_real",
@@ -29,9 +27,11 @@ __all__ = [
     "check_choice",
 ]
 
-#: ``calls_per_update`` value that pools the calls between two backward passes.
+#: ``calls_per_update`` value that pools every call of one training step (optimizer step).
 AUTO = "auto"
 STATS_DTYPES = (torch.float32, torch.float64)
+#: ``refresh=`` choices: exact on the CPU and iterative on accelerators, or either everywhere.
+REFRESH_NAMES = ("auto", "exact", "iterative")
 #: Spectral powers the iterative refresh evaluates with matrix products (sqrt and identity).
 ITERATIVE_POWERS = (0.5, 1.0)
 
@@ -72,35 +72,7 @@ def iterative_form(variant: str, options: RuleOptions) -> bool:
     return VARIANTS[variant].power(options) in ITERATIVE_POWERS
 
 
-@dataclass(frozen=True)
-class HeadOptions:
-    """The validated options of one :class:`~directpred_plugin.DirectPredHead`."""
-
-    dim: int
-    rho: float
-    eps: float
-    freq: int
-    variant: str
-    trainable: bool
-    center: bool
-    calls_per_update: Optional[int]
-    """Calls per pool, or None for ``"auto"``."""
-    stats_dtype: torch.dtype
-    sync_dist: bool
-    process_group: Optional[Any]
-    refresh: str
-    refresh_options: Mapping[str, Any] = field(default_factory=dict)
-    rule: RuleOptions = RuleOptions()
-    ridge: float = 0.0
-    weight_momentum: float = 0.0
-
-    @property
-    def auto_steps(self) -> bool:
-        """Steps end at backward passes (``calls_per_update="auto"``)."""
-        return self.calls_per_update is None
-
-
-def head_options(
+def check_head_options(
     dim: Any,
     *,
     rho: Any,
@@ -119,8 +91,13 @@ def head_options(
     eps_inside: Any,
     ridge: Any,
     weight_momentum: Any,
-) -> HeadOptions:
-    """Validate the options of a head, alone and together; ValueError naming what was expected."""
+) -> Dict[str, Any]:
+    """The options of a head, validated alone and together (ValueError naming what was expected).
+
+    Returns them cleaned (Python numbers, ``calls_per_update`` None for ``"auto"``, ``alpha``
+    resolved, ``refresh_options`` a dict), without building anything, so that adapters can
+    check a configuration before they build a model.
+    """
     dim = check_int("dim", dim, minimum=1)
     freq = check_int("freq", freq, minimum=1)
     cpu = None if calls_per_update == AUTO else check_int("calls_per_update", calls_per_update, minimum=1,
@@ -132,10 +109,8 @@ def head_options(
     for name, value in (("trainable", trainable), ("center", center), ("sync_dist", sync_dist),
                         ("eps_inside", eps_inside)):
         check_bool(name, value)
-    from .refresh import REFRESH_STRATEGIES  # the registry, so that a registered strategy is accepted
-
     variant = check_choice("variant", variant, sorted(VARIANTS))
-    refresh = check_choice("refresh", refresh, sorted(REFRESH_STRATEGIES))
+    refresh = check_choice("refresh", refresh, REFRESH_NAMES)
     if stats_dtype not in STATS_DTYPES:
         raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype!r}")
     if refresh_options is None:
@@ -152,8 +127,7 @@ def head_options(
             f"eps_inside places eps inside a spectral power, which variant={variant!r} does not have; "
             "use it with variant='directpred' or 'directset'"
         )
-    rule = RuleOptions(eps=eps, alpha=alpha, eps_inside=eps_inside)
-    if not iterative_form(variant, rule):
+    if not iterative_form(variant, RuleOptions(eps=eps, alpha=alpha, eps_inside=eps_inside)):
         if refresh == "iterative":
             raise ValueError(
                 f"refresh='iterative' evaluates spectral powers 1/2 and 1 (eps outside); variant={variant!r}"
@@ -172,35 +146,16 @@ def head_options(
             "trainable=True lets the optimizer train W_p between refreshes, but freq=1 overwrites it at "
             "every step: use freq > 1 (the paper's hybrid uses 5) or trainable=False"
         )
+    if trainable and cpu is not None:
+        raise ValueError(
+            f"trainable=True needs calls_per_update={AUTO!r}: a trainable W_p is refreshed after the optimizer "
+            f"step that used its gradient, and an integer calls_per_update={cpu} would refresh it inside a step"
+        )
     if process_group is not None and not sync_dist:
         raise ValueError("process_group is the group the statistics are summed over, but sync_dist=False sums nothing")
-    return HeadOptions(
+    return dict(
         dim=dim, rho=rho, eps=eps, freq=freq, variant=variant, trainable=trainable, center=center,
         calls_per_update=cpu, stats_dtype=stats_dtype, sync_dist=sync_dist, process_group=process_group,
-        refresh=refresh, refresh_options=dict(refresh_options), rule=rule, ridge=ridge,
+        refresh=refresh, refresh_options=dict(refresh_options), alpha=alpha, eps_inside=eps_inside, ridge=ridge,
         weight_momentum=weight_momentum,
     )
-
-
-class OptionAttributes:
-    """A head's options as read-only attributes (``head.rho``, ``head.freq``, ...), as earlier releases had them."""
-
-    options: HeadOptions
-
-    dim = property(lambda self: self.options.dim)
-    rho = property(lambda self: self.options.rho)
-    eps = property(lambda self: self.options.eps)
-    freq = property(lambda self: self.options.freq)
-    variant = property(lambda self: self.options.variant)
-    trainable = property(lambda self: self.options.trainable)
-    center = property(lambda self: self.options.center)
-    stats_dtype = property(lambda self: self.options.stats_dtype)
-    sync_dist = property(lambda self: self.options.sync_dist)
-    process_group = property(lambda self: self.options.process_group)
-    alpha = property(lambda self: self.options.rule.alpha)
-    eps_inside = property(lambda self: self.options.rule.eps_inside)
-    ridge = property(lambda self: self.options.ridge)
-    weight_momentum = property(lambda self: self.options.weight_momentum)
-    refresh_strategy = property(lambda self: self.options.refresh)
-    calls_per_update = property(lambda self: AUTO if self.options.calls_per_update is None else
-                                self.options.calls_per_update)

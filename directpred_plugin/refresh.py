@@ -10,9 +10,9 @@ up by name in :data:`REFRESH_STRATEGIES`:
 - :class:`IterativeRefresh`: matrix products only, with a certified error bound.
 - :class:`AutoRefresh`: exact on the CPU, iterative on accelerators (by principle, no timing).
 
-:class:`Refresher` owns a head's strategy and what a refresh leaves behind: when it last
-applied, how many results were refused, and the policy that follows a refusal (a thorough
-iterative candidate first, the exact rule only if that is refused too).
+:func:`refresh_weight_` applies one strategy's candidate to ``W_p`` in place, decided on the
+device; the head picks the strategy for each refresh (after a refused candidate, the
+thorough form, and after a refused thorough one the exact rule).
 """
 
 from __future__ import annotations
@@ -25,18 +25,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from .options import ITERATIVE_POWERS, HeadOptions, check_int, check_real
+from .options import ITERATIVE_POWERS, check_int, check_real
 from .rules import VARIANTS, RuleOptions, Variant, all_finite, inverse_or_zero, normalise_statistics
 
-__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "Refresher",
-           "highest_matmul_precision", "NORMAL", "THOROUGH", "EXACT"]
+__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "build_strategies",
+           "refresh_weight_", "highest_matmul_precision"]
 
 Candidate = Tuple[Tensor, Tensor]
 
-#: What a refresh computes: the configured strategy, its thorough form, or the exact rule.
-NORMAL, THOROUGH, EXACT = "normal", "thorough", "exact"
-#: The level of the refresh after a refused one of each level.
-_AFTER_REFUSAL = {NORMAL: THOROUGH, THOROUGH: EXACT, EXACT: EXACT}
 #: Repeated squarings the thorough form adds (each one halves the log of the bracket's slack).
 THOROUGH_EXTRA_SQUARINGS = 4
 
@@ -337,124 +333,39 @@ REFRESH_STRATEGIES: Dict[str, Type[nn.Module]] = {
 }
 
 
-class Refresher(nn.Module):
-    """A head's refresh: its strategy, ``refreshed_at`` / ``refresh_rejections``, the fallback.
+def build_strategies(refresh: str, dim: int, options: Dict[str, Any]) -> Tuple[Any, Optional[Any], Any]:
+    """``(configured, thorough form or None, exact)`` strategies for ``refresh=`` with ``refresh_options``."""
+    try:
+        strategy = REFRESH_STRATEGIES[refresh](dim, **options)
+    except TypeError as err:
+        raise ValueError(
+            f"refresh_options {sorted(options)} are not all options of refresh={refresh!r}: {err}"
+        ) from None
+    exact = getattr(strategy, "exact", None) or ExactRefresh(dim)
+    thorough_form = getattr(strategy, "thorough_form", None)
+    return strategy, (thorough_form() if thorough_form is not None else None), exact
 
-    :meth:`refresh_` evaluates the variant on the normalised statistics and writes ``W_p``
-    in place where the candidate is usable and the statistics changed since the last
-    refresh (decided on the device), with an optional EMA on ``W_p`` (``weight_momentum``).
 
-    **Fallback after a refusal**, the same on every device. Each refresh runs at a level:
-    ``"normal"`` (the configured strategy), ``"thorough"`` (the strategy's
-    ``thorough_form()``: for :class:`IterativeRefresh` matrix products in float64 with more
-    squarings, no eigendecomposition, no host read) or ``"exact"`` (the exact rule: on an
-    accelerator it waits for the device). After a refusal of a normal candidate the next
-    refresh is thorough; after a refusal of a thorough one, exact; after a refusal of an
-    exact one, exact again; a refresh that runs without a refusal learned since the last
-    one is normal. A level only applies where the strategy is not already exact for the
-    variant and device (``is_exact``: ``"exact"``, ``"auto"`` on the CPU); a strategy
-    without ``thorough_form`` goes to the exact rule at once. ``thorough_refreshes`` and
-    ``exact_refreshes`` count the fallbacks run.
+def refresh_weight_(weight: Tensor, stats: Tensor, strategy: Any, variant: Variant, rule: RuleOptions, *,
+                    changed: Tensor, refreshed_at: Tensor, num_updates: Tensor, refresh_rejections: Tensor,
+                    ridge: float = 0.0, weight_momentum: float = 0.0) -> Tensor:
+    """Recompute ``weight`` in place from ``stats`` with ``strategy``; returns whether it was (0-dim bool).
 
-    **Which refresh a learned refusal belongs to.** The host never reads the verdict. At
-    each close (a step's end) the head receives the counters the previous close sent, after
-    that close's refresh if it had one, and calls :meth:`rejection_learned` if
-    ``refresh_rejections`` grew. A refresh only counts a refusal where the statistics
-    changed since the last applied refresh (so one that had nothing to do refuses nothing,
-    and no refusal is learned for it), and closes without a refresh (``freq > 1``) send
-    unchanged counters. So a learned refusal is the one of the refresh run one close
-    earlier, which is the last refresh this refresher ran (``last_level``, recorded when it
-    runs), whatever ``freq``; and by the time the next refresh runs the previous one's
-    outcome is known. A refresh that runs after its close sent the counters has its refusal
-    learned at the second close after it: the refresh a trainable ``W_p`` defers to the next
-    step's first call (integer ``calls_per_update``), and a public ``refresh()`` between
-    closes. For the deferred refresh the model still holds while the steps have equal
-    numbers of closes (a trainable ``W_p`` needs ``freq > 1``, so the next refresh runs after
-    that second close). With steps of different lengths, or after ``refresh()``, the level
-    can follow a neighbouring refresh's outcome, so the exact rule may come one refresh
-    early or late; every ``W_p`` used is still certified or exact. Both levels are saved with
-    the module, so a resumed run decides as the uninterrupted one.
+    The candidate is used where it is certified (or exact) and ``changed`` (the statistics moved
+    since the last refresh that applied); a refused candidate leaves ``weight`` and counts in
+    ``refresh_rejections``. ``weight_momentum`` averages the new ``W_p`` with the previous one
+    after the first refresh. Decided on the device: nothing is read on the host.
     """
-
-    refreshed_at: Tensor
-    refresh_rejections: Tensor
-
-    def __init__(self, options: HeadOptions) -> None:
-        super().__init__()
-        self.variant_name = options.variant  # the name, not the Variant: modules must pickle
-        self.rule = options.rule
-        self.ridge = options.ridge
-        self.weight_momentum = options.weight_momentum
-        self.strategy: Any  # any registered strategy: called, and asked is_exact
-        try:
-            self.strategy = REFRESH_STRATEGIES[options.refresh](options.dim, **options.refresh_options)
-        except TypeError as err:
-            raise ValueError(
-                f"refresh_options {sorted(options.refresh_options)} are not all options of "
-                f"refresh={options.refresh!r}: {err}"
-            ) from None
-        self.exact = getattr(self.strategy, "exact", None) or ExactRefresh(options.dim)
-        thorough_form = getattr(self.strategy, "thorough_form", None)
-        self.thorough: Optional[nn.Module] = thorough_form() if thorough_form is not None else None
-        self.register_buffer("refreshed_at", torch.zeros((), dtype=torch.long))
-        self.register_buffer("refresh_rejections", torch.zeros((), dtype=torch.long))
-        self.next_level = NORMAL
-        """The level the next refresh runs at."""
-        self.last_level = NORMAL
-        """The level the last refresh ran at: the one a refusal learned now belongs to."""
-        self.exact_refreshes = 0
-        self.thorough_refreshes = 0
-
-    def refresh_(self, weight: Tensor, stats: Tensor, num_updates: Tensor, *, force: bool = False) -> Tensor:
-        """Recompute ``weight`` in place from ``stats``; returns whether it was (0-dim bool)."""
-        changed = num_updates > (0 if force else self.refreshed_at)
-        normalised = normalise_statistics(stats, self.ridge)
-        variant = VARIANTS[self.variant_name]
-        strategy, level = self.strategy, NORMAL
-        if self.next_level != NORMAL and not strategy.is_exact(normalised, variant, self.rule):
-            if self.next_level == THOROUGH and self.thorough is not None:
-                strategy, level = self.thorough, THOROUGH
-                self.thorough_refreshes += 1
-            else:
-                strategy, level = self.exact, EXACT
-                self.exact_refreshes += 1
-        self.next_level, self.last_level = NORMAL, level
-        with highest_matmul_precision():  # the exact rules' products too (U diag U^T)
-            candidate, ok = strategy(normalised, variant, self.rule)
-        candidate = candidate.to(weight.dtype)
-        if self.weight_momentum:
-            none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9
-            momentum = torch.where(self.refreshed_at > 0, none + self.weight_momentum, none)
-            candidate = momentum * weight + (1 - momentum) * candidate
-        use = ok & changed
-        torch.where(use, candidate, weight, out=weight)  # in place: no dim x dim temporary
-        self.refreshed_at.copy_(torch.where(use, num_updates, self.refreshed_at))
-        self.refresh_rejections.add_((changed & ~ok).long())
-        return use
-
-    def rejection_learned(self) -> None:
-        """The host learned that the last refresh was refused: the next one climbs a level."""
-        self.next_level = _AFTER_REFUSAL[self.last_level]
-
-    def reset(self) -> None:
-        self.refreshed_at.zero_()
-        self.refresh_rejections.zero_()
-        self.next_level = self.last_level = NORMAL
-        self.exact_refreshes = self.thorough_refreshes = 0
-
-    def get_extra_state(self) -> Dict[str, Any]:
-        return {"next_level": self.next_level, "last_level": self.last_level,
-                "exact_refreshes": self.exact_refreshes, "thorough_refreshes": self.thorough_refreshes}
-
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        if "next_level" in state:
-            levels = (str(state["next_level"]), str(state["last_level"]))
-            if not set(levels) <= set(_AFTER_REFUSAL):
-                raise ValueError(f"unknown refresh levels {levels} in a Refresher's extra state")
-            self.next_level, self.last_level = levels
-            self.thorough_refreshes = int(state["thorough_refreshes"])
-        else:  # before the thorough level: {"exact_next": bool, "exact_refreshes": int}
-            self.next_level = EXACT if state["exact_next"] else NORMAL
-            self.last_level = NORMAL
-            self.thorough_refreshes = 0
-        self.exact_refreshes = int(state["exact_refreshes"])
+    normalised = normalise_statistics(stats, ridge)
+    with highest_matmul_precision():  # the exact rules' products too (U diag U^T)
+        candidate, ok = strategy(normalised, variant, rule)
+    candidate = candidate.to(weight.dtype)
+    if weight_momentum:
+        none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9
+        momentum = torch.where(refreshed_at > 0, none + weight_momentum, none)
+        candidate = momentum * weight + (1 - momentum) * candidate
+    use = ok & changed
+    torch.where(use, candidate, weight, out=weight)  # in place: no dim x dim temporary
+    refreshed_at.copy_(torch.where(use, num_updates, refreshed_at))
+    refresh_rejections.add_((changed & ~ok).long())
+    return use
