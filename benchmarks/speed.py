@@ -20,6 +20,7 @@ import argparse
 import importlib
 import json
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -128,7 +129,15 @@ def _call(module: nn.Module, z: torch.Tensor) -> None:
     out = module(z)
     out.square().mean().backward()
     if module.training and any(True for _ in module.parameters()):
+        if isinstance(module, DirectPredHead):
+            # a trainable W_p's step ends at the optimizer step (lr 0: W_p changes by its refreshes only)
+            if module not in _ZERO_STEPS:
+                _ZERO_STEPS[module] = torch.optim.SGD(module.parameters(), lr=0.0)
+            _ZERO_STEPS[module].step()
         module.zero_grad(set_to_none=True)
+
+
+_ZERO_STEPS: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
 
 
 def _time_block(module: nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> float:

@@ -6,6 +6,7 @@ import sys
 import warnings
 import weakref
 import zlib
+from types import FrameType
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -28,6 +29,9 @@ CallsPerUpdate = Union[int, str]
 _FORMAT = 5
 _HEADER = 4  # format, dim, variant, center
 _NUM_UPDATES, _NUM_SKIPPED, _REFRESHED_AT, _REFRESH_REJECTIONS = range(4)
+#: Key prefixes of the development formats before this one (owners' submodules, flat counters and pools).
+_EARLIER_KEYS = ("stats.", "refresher.", "num_updates", "num_skipped", "refreshed_at", "refresh_rejections",
+                 "pending_")
 #: Heads whose step waits for an optimizer step (told by torch's optimizer hook).
 _WAITING: "weakref.WeakSet[DirectPredHead]" = weakref.WeakSet()
 _optimizer_hook: Optional[Any] = None
@@ -368,7 +372,7 @@ class DirectPredHead(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         where = prefix[:-1] or "the head"
-        earlier = [key for key in state_dict if key.startswith((prefix + "stats.", prefix + "refresher."))]
+        earlier = [key for key in state_dict if key.startswith(tuple(prefix + name for name in _EARLIER_KEYS))]
         saved = state_dict.get(prefix + "_extra_state")
         if earlier or (saved is not None and not isinstance(saved, Tensor)):
             raise RuntimeError(
@@ -459,7 +463,7 @@ def _check_saved_state(state: Any, dim: int, variant: str, center: bool, where: 
 def _enclosing_ddp() -> Optional[Any]:
     """The DistributedDataParallel whose forward this call runs inside, if any."""
     ddp_type = torch.nn.parallel.DistributedDataParallel
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, ddp_type):

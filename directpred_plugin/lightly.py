@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequenc
 
 from torch import nn
 
-from .head import CallsPerUpdate, DirectPredHead
+from .head import DirectPredHead
 from .predictors import closed_form_options
 
 #: How to get the ``lightly`` extra; the package is not on PyPI yet.
@@ -44,12 +44,6 @@ LIGHTLY_PREDICTION_HEADS: Tuple[str, ...] = (
 _LIGHTNING_FLAVOURS: Tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning")
 
 
-#: ``calls_per_update`` of a :class:`DirectPredPredictionHead` built without it, and of the
-#: heads :func:`replace_prediction_heads` makes: the documented default is one update per
-#: training step, whatever the number of views.
-DEFAULT_CALLS_PER_UPDATE: CallsPerUpdate = "auto"
-
-
 class DirectPredPredictionHead(DirectPredHead):
     """Prediction head for BYOL/SimSiam set in closed form by DirectPred [0].
 
@@ -73,7 +67,6 @@ class DirectPredPredictionHead(DirectPredHead):
         hidden_dim: Ignored: DirectPred has no hidden layer. Accepted so that the MLP
             head's arguments can stay as they are.
         output_dim: Must equal ``input_dim`` if given (``W_p`` is square).
-        calls_per_update: See :class:`DirectPredHead`.
         **options: Any other :class:`DirectPredHead` option (``rho``, ``eps``, ``freq``, ...).
 
     Examples:
@@ -88,8 +81,6 @@ class DirectPredPredictionHead(DirectPredHead):
         input_dim: Optional[int] = None,
         hidden_dim: Optional[int] = None,
         output_dim: Optional[int] = None,
-        *,
-        calls_per_update: CallsPerUpdate = DEFAULT_CALLS_PER_UPDATE,
         **options: Any,
     ) -> None:
         del hidden_dim  # the MLP's width; DirectPred has no hidden layer
@@ -106,7 +97,7 @@ class DirectPredPredictionHead(DirectPredHead):
                 f"output_dim={output_dim}): W_p = U diag(p) U^T is built from the eigenvectors of "
                 "the input's own correlation, so it is square. Set output_dim=input_dim or leave it out."
             )
-        super().__init__(input_dim, calls_per_update=calls_per_update, **options)
+        super().__init__(input_dim, **options)
 
 
 # --------------------------------------------------------------------------- swap helper
@@ -339,7 +330,6 @@ def __dir__() -> List[str]:
 __all__ = [
     "DirectPredPredictionHead",
     "DirectPredDiagnostics",
-    "DEFAULT_CALLS_PER_UPDATE",
     "ReplacedHead",
     "replace_prediction_heads",
     "lightly_prediction_head_types",

@@ -121,7 +121,9 @@ class Steps:
     def pool_ended(self, optimizer_stepped: bool = False) -> bool:
         """Whether the open pool's step is over: an optimizer step ran (torch's optimizer hook says so;
         fused optimizers do not bump a parameter's version), or a watched parameter changed in place."""
-        return self.waits_for_update() and (optimizer_stepped or _version_sum(self._watched) != self._watched_version)
+        if not self.waits_for_update():
+            return False
+        return optimizer_stepped or _version_sum(self._watched or []) != self._watched_version
 
     def close(self, *, empties_pool: bool = True) -> bool:
         """A step ended: the open pool closed, or (``empties_pool=False``) a batch was folded on
@@ -167,7 +169,7 @@ class Steps:
         exactly while that graph can still be run and the node has not run yet; no hook is left
         on the caller's tensors.
         """
-        node = out.grad_fn
+        node: Any = out.grad_fn  # a Node whose metadata is a dict (typed as a method in torch's stubs)
         record = _CallRecord(snapshot)
         node.metadata[_RECORD_KEY] = record
 
@@ -192,8 +194,8 @@ class Steps:
                 raise RuntimeError(CHECKPOINT_ERROR.format(
                     "W_p changed between calls whose backward passes are still pending (a refresh between "
                     "a forward and its backward, as in interleaved or pipelined schedules)"))
-        if trainable:  # the values of the forward pass, the gradient to the parameter
-            return weight + (snapshot - weight).detach()
+        if trainable:  # exactly the values of the forward pass, the gradient to the parameter
+            return snapshot + (weight - weight.detach())
         return snapshot.to(dtype)
 
     def drop_copies(self) -> None:
@@ -318,8 +320,8 @@ def upstream_parameters(z: Tensor, limit: int = 100_000) -> List[Tensor]:
     found: List[Tensor] = []
     if z.grad_fn is None:
         return found
-    seen = set()
-    stack = [z.grad_fn]
+    seen: set = set()
+    stack: List[Any] = [z.grad_fn]
     while stack and len(seen) < limit:
         node = stack.pop()
         if node is None or node in seen:

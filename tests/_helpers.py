@@ -94,16 +94,29 @@ def refuse(monkeypatch, *levels):
 
 
 def record_levels(monkeypatch):
-    """The level (``"normal"``, ``"thorough"``, ``"exact"``) of every refresh run from now on, in order."""
-    from directpred_plugin.refresh import Refresher
+    """The level (``"normal"``, ``"thorough"``, ``"exact"``) of every refresh run from now on, in order.
+
+    The level is the one the head's :class:`~directpred_plugin.steps.Steps` decided for the
+    refresh, recorded when the head runs it (``refresh_weight_``).
+    """
+    from directpred_plugin import head as head_module
+    from directpred_plugin.steps import LEVEL_NAMES, Steps
 
     levels = []
-    refresh_ = Refresher.refresh_
+    decided = []
+    refresh_level = Steps.refresh_level
+    refresh_weight_ = head_module.refresh_weight_
 
-    def recording(self, *args, **kwargs):
-        use = refresh_(self, *args, **kwargs)
-        levels.append(self.last_level)
+    def deciding(self, *args, **kwargs):
+        level = refresh_level(self, *args, **kwargs)
+        decided.append(LEVEL_NAMES[level])
+        return level
+
+    def recording(*args, **kwargs):
+        use = refresh_weight_(*args, **kwargs)
+        levels.append(decided.pop())
         return use
 
-    monkeypatch.setattr(Refresher, "refresh_", recording)
+    monkeypatch.setattr(Steps, "refresh_level", deciding)
+    monkeypatch.setattr(head_module, "refresh_weight_", recording)
     return levels

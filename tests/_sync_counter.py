@@ -7,8 +7,9 @@ whose output shape depends on the data (``nonzero``, boolean-mask indexing, ``un
 and linear-algebra kernels that check their ``info`` on the host (``eigh`` and friends).
 :class:`SyncCounter` counts those while it is active, treating every tensor as if it lived
 on the device, except the one read that is a plain host-memory read on an accelerator:
-:class:`~directpred_plugin.schedule.CounterMirror` reading its own host copy (pinned
-memory, after an event of a copy issued a step earlier), counted apart as ``mirror_reads``.
+:meth:`~directpred_plugin.steps.Steps.peek_counters` reading its own host copy of the
+device counters (pinned memory, after an event of a copy issued a step earlier), counted
+apart as ``mirror_reads``.
 """
 
 from collections import Counter
@@ -16,7 +17,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from directpred_plugin.schedule import CounterMirror
+from directpred_plugin.steps import Steps
 
 aten = torch.ops.aten
 
@@ -39,10 +40,10 @@ SYNCING = {
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts would-be device->host waits by cause (``counts``) and the mirror's host reads.
+    """Counts would-be device->host waits by cause (``counts``) and the counters' host reads.
 
     ``tolist`` and ``numpy`` read memory without dispatching an operator, so they are
-    wrapped while the counter is active; so is :meth:`CounterMirror.peek`, whose read of
+    wrapped while the counter is active; so is :meth:`Steps.peek_counters`, whose read of
     its own host copy is ``mirror_reads`` and not a wait.
     """
 
@@ -85,7 +86,7 @@ class SyncCounter(TorchDispatchMode):
 
         def mirror(original):
             def peek(self_, *args, **kwargs):
-                if self_._host is not None:
+                if self_._in_flight is None and self_._host is not None:  # a read of the copy, not a cached value
                     counter.mirror_reads += 1
                 counter._in_mirror += 1
                 try:
@@ -96,7 +97,7 @@ class SyncCounter(TorchDispatchMode):
 
         self._wrap(torch.Tensor, "tolist", reading)
         self._wrap(torch.Tensor, "numpy", reading)
-        self._wrap(CounterMirror, "peek", mirror)
+        self._wrap(Steps, "peek_counters", mirror)
         return super().__enter__()
 
     def __exit__(self, *exc):

@@ -89,15 +89,18 @@ def test_every_predictor_builds_and_runs_a_step():
     x0, x1 = next(data.views(16, gen, torch.device("cpu")))
     for name, spec in PREDICTORS.items():
         method = build_method(cfg, data, name, seed=0)
+        optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
         for _ in range(2):
             loss, z0 = method.training_loss(x0, x1)
             loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         assert torch.isfinite(loss) and z0.shape == (16, 8), name
         if isinstance(method.predictor, DirectPredHead):
-            # the two calls (one per view) of each step made one update, folded by the step's
-            # backward pass: the paper's per-iteration rule
+            # the two calls (one per view) of each optimizer step made one update, folded when
+            # the optimizer stepped: the paper's per-iteration rule
             assert method.predictor.calls_per_update == "auto" and int(method.predictor.num_updates) == 2
-            assert method.predictor.schedule.calls == 0
+            assert method.predictor.steps.calls == 0
         assert (spec.matrix is None) == (name in ("mlp", "none")), name
 
 

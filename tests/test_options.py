@@ -80,8 +80,16 @@ def test_numpy_scalars_are_accepted_wherever_python_numbers_are():
     assert (head.dim, head.freq, head.calls_per_update) == (DIM, 2, 2)
     assert all(type(v) is int for v in (head.dim, head.freq, head.calls_per_update))
     assert type(head.rho) is float and head.rho == 0.5
-    strategy = head.refresher.strategy
+    strategy = head._strategies[0]  # the configured one, beside its thorough form and the exact rule
     assert strategy.tol == pytest.approx(0.05) and strategy.squarings == 8
+
+
+@pytest.mark.parametrize("calls_per_update", [1, 3])
+def test_a_trainable_weight_needs_auto_steps(calls_per_update):
+    """An integer pool would refresh a trainable W_p inside a step, before the optimizer used its gradient."""
+    with pytest.raises(ValueError, match="trainable=True needs calls_per_update='auto'"):
+        DirectPredHead(DIM, trainable=True, freq=2, calls_per_update=calls_per_update)
+    assert DirectPredHead(DIM, trainable=True, freq=2).calls_per_update == "auto"
 
 
 @pytest.mark.parametrize(

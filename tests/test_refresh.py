@@ -127,7 +127,7 @@ def test_rejected_refresh_keeps_previous_weight_and_the_refresh_after_the_host_l
     batches = [b.float() for b in stream_with_statistics(matrix, 4)]
     # one squaring brackets lambda_max within a factor dim^(1/4): always above tolerance; the
     # thorough form's five (in float64) isolate this spectrum's top
-    head = DirectPredHead(DIM, refresh="iterative", refresh_options={"squarings": 1})
+    head = DirectPredHead(DIM, calls_per_update=1, refresh="iterative", refresh_options={"squarings": 1})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the host learns of it one step later, on every device
         head(batches[0].clone().requires_grad_(True))
@@ -155,7 +155,7 @@ def test_a_refused_thorough_candidate_makes_the_next_refresh_exact_then_normal_a
     refuse(monkeypatch, "normal", "thorough")
     levels = record_levels(monkeypatch)
     batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 7)]
-    head = DirectPredHead(DIM, refresh="iterative")
+    head = DirectPredHead(DIM, calls_per_update=1, refresh="iterative")
     weights = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -178,7 +178,7 @@ def test_a_refresh_with_unchanged_statistics_refuses_nothing_so_the_level_return
     levels = record_levels(monkeypatch)
     good = iter([b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 3)])
     bad = torch.full((DIM, DIM), float("nan"))
-    head = DirectPredHead(DIM, refresh="iterative", freq=freq)
+    head = DirectPredHead(DIM, calls_per_update=1, refresh="iterative", freq=freq)
     # the refreshes: normal (refused) -> [skipped] thorough (applied) -> [skipped] normal on
     # unchanged statistics (refused, not counted) -> normal (refused) -> thorough
     plan = [[next(good)], [bad], [bad], [next(good)], [next(good)]]
@@ -196,43 +196,14 @@ def test_auto_on_an_accelerator_falls_back_through_the_iterative_thorough_form(m
     monkeypatch.setattr(AutoRefresh, "strategy_for", lambda self, device: self.iterative)  # as on CUDA
     refuse(monkeypatch, "normal", "thorough")
     levels = record_levels(monkeypatch)
-    head = DirectPredHead(DIM)
-    thorough = head.refresher.thorough
+    head = DirectPredHead(DIM, calls_per_update=1)
+    thorough = head._strategies[1]
     assert isinstance(thorough, IterativeRefresh) and thorough.compute_dtype == torch.float64
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for z in stream_with_statistics(matrix_with_spectrum("power-law"), 4):
             head(z.float().requires_grad_(True))
     assert levels == ["normal", "thorough", "exact", "normal"]
-
-
-class _RefusingStrategy(torch.nn.Module):
-    """A registered strategy with no thorough form, whose every result is refused."""
-
-    def __init__(self, dim):
-        super().__init__()
-
-    def is_exact(self, stats, variant, options):
-        return False
-
-    def forward(self, stats, variant, options):
-        return torch.zeros_like(stats), torch.zeros((), dtype=torch.bool)
-
-
-def test_a_strategy_without_a_thorough_form_falls_back_to_the_exact_rule_at_once(monkeypatch):
-    from directpred_plugin.refresh import REFRESH_STRATEGIES
-
-    monkeypatch.setitem(REFRESH_STRATEGIES, "refusing", _RefusingStrategy)
-    levels = record_levels(monkeypatch)
-    head = DirectPredHead(DIM, refresh="refusing")
-    assert head.refresher.thorough is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for z in stream_with_statistics(matrix_with_spectrum("power-law"), 3):
-            head(z.float().requires_grad_(True))
-    assert levels == ["normal", "exact", "normal"]
-    assert head.refresher.exact_refreshes == 1 and head.refresher.thorough_refreshes == 0
-    np.testing.assert_allclose(head.weight.numpy(), directpred_matrix(head.corr.double().numpy(), 0.01), atol=1e-5)
 
 
 def test_cpu_default_retries_a_refused_refresh_exactly_as_before_and_never_computes_a_thorough_one(monkeypatch):
@@ -253,7 +224,7 @@ def test_cpu_default_retries_a_refused_refresh_exactly_as_before_and_never_compu
 
     monkeypatch.setattr(torch.linalg, "eigh", sometimes_failing)
     batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 4)]
-    heads = {"auto": DirectPredHead(DIM), "exact": DirectPredHead(DIM, refresh="exact")}
+    heads = {"auto": DirectPredHead(DIM, calls_per_update=1), "exact": DirectPredHead(DIM, calls_per_update=1, refresh="exact")}
     outputs = {name: [] for name in heads}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -265,7 +236,7 @@ def test_cpu_default_retries_a_refused_refresh_exactly_as_before_and_never_compu
         assert torch.equal(a, b)
     for head in heads.values():
         assert int(head.refresh_rejections) == 1 and int(head.refreshed_at) == 4
-        assert (head.refresher.exact_refreshes, head.refresher.thorough_refreshes) == (0, 0)
+        assert (head.steps.exact_refreshes, head.steps.thorough_refreshes) == (0, 0)
     assert torch.equal(heads["auto"].weight, heads["exact"].weight)
 
 
@@ -379,8 +350,8 @@ def test_auto_is_exact_on_the_cpu_and_iterative_on_accelerators_without_timing(v
     assert isinstance(strategy.strategy_for(torch.device("mps")), IterativeRefresh)
     # on the CPU the default head refreshes exactly what refresh="exact" does, bit for bit
     batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 3)]
-    auto = DirectPredHead(DIM, variant=variant, **options)
-    exact = DirectPredHead(DIM, variant=variant, refresh="exact", **options)
+    auto = DirectPredHead(DIM, calls_per_update=1, variant=variant, **options)
+    exact = DirectPredHead(DIM, calls_per_update=1, variant=variant, refresh="exact", **options)
     for z in batches:
         assert torch.equal(auto(z.clone().requires_grad_(True)), exact(z.clone().requires_grad_(True)))
     assert torch.equal(auto.weight, exact.weight)
@@ -393,8 +364,8 @@ def test_exact_refresh_takes_no_options():
 
 
 def test_valid_strategy_options_are_used():
-    head = DirectPredHead(DIM, refresh="iterative", refresh_options={"tol": 0.05, "squarings": 6, "sqrt_steps": 9})
-    strategy = head.refresher.strategy
+    head = DirectPredHead(DIM, calls_per_update=1, refresh="iterative", refresh_options={"tol": 0.05, "squarings": 6, "sqrt_steps": 9})
+    strategy = head._strategies[0]
     assert (strategy.tol, strategy.squarings, strategy.sqrt_steps) == (0.05, 6, 9)
 
 
@@ -414,7 +385,7 @@ def assert_every_refresh_accurate_or_kept(head, batches, tol, variant):
 def test_iterative_refresh_at_input_scale_1e_12_in_float32_is_accurate_or_refused(variant):
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(6, DIM, generator=gen) * 1e-12 for _ in range(4)]  # 6 rows < dim: rank-deficient
-    head = DirectPredHead(DIM, variant=variant, refresh="iterative")
+    head = DirectPredHead(DIM, calls_per_update=1, variant=variant, refresh="iterative")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a refusal warns; what matters is the weight
         assert_every_refresh_accurate_or_kept(head, batches, 0.011, variant)
@@ -427,7 +398,7 @@ def test_iterative_refresh_finds_a_top_eigenvector_orthogonal_to_fixed_start_vec
 
     dim = 24
     matrix = top_orthogonal_to(fixed_vectors(dim)[start], dim=dim)
-    head = DirectPredHead(dim, variant=variant, refresh="iterative")
+    head = DirectPredHead(dim, calls_per_update=1, variant=variant, refresh="iterative")
     reference = NUMPY_RULES[variant](matrix.numpy(), head.eps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -526,7 +497,7 @@ def test_precision_is_restored_after_a_refresh_and_after_an_exception(user):
             with highest_matmul_precision():
                 1 / 0
         assert torch.get_float32_matmul_precision() == user
-        head = DirectPredHead(DIM, refresh="iterative")
+        head = DirectPredHead(DIM, calls_per_update=1, refresh="iterative")
         head.update(torch.randn(64, DIM))
         assert int(head.refreshed_at) == 1 and torch.get_float32_matmul_precision() == user
     finally:

@@ -21,7 +21,7 @@ WARM_UP, STEPS = 3, 8
 def steady_state(**options):
     """Counter after ``STEPS`` BYOL steps (SGD with momentum) that follow ``WARM_UP`` steps."""
     torch.manual_seed(0)
-    model = TinyBYOL(DirectPredHead(DIM, calls_per_update="auto", **options))
+    model = TinyBYOL(DirectPredHead(DIM, calls_per_update="auto", **options))  # steps end at optimizer.step()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for step in range(WARM_UP):
         sgd_step(model, optimizer, *views(step))
@@ -59,8 +59,9 @@ def test_cuda_default_configuration_makes_no_host_waits_in_steady_state(options)
     assert counter.mirror_reads == STEPS  # the lagged counters, one host-memory read per step
     assert int(head.refresh_rejections) == 0
     freq, steps = options.get("freq", 1), WARM_UP + STEPS
-    # every step's backward pass folds it; a trainable W_p's due refresh waits for the next step
-    assert int(head.refreshed_at) == ((steps - 1) if head.trainable else steps) // freq * freq
+    # every optimizer step ends its step (fold, and every freq-th a refresh), trainable W_p or not
+    assert head.steps.steps == int(head.num_updates) == steps and head.steps.calls == 0
+    assert int(head.refreshed_at) == steps // freq * freq
 
 
 @pytest.mark.parametrize("freq", [1, 5])
@@ -83,20 +84,22 @@ def refusing_steady_state(monkeypatch, refused, **options):
         sgd_step(model, optimizer, *views(step))
     refuse(monkeypatch, *refused)
     levels = record_levels(monkeypatch)
-    closes = model.head.schedule.steps
+    closes = model.head.steps.steps
     with warnings.catch_warnings(), SyncCounter() as counter:
         warnings.simplefilter("ignore")  # the refusal's warning
         for step in range(WARM_UP, WARM_UP + STEPS):
             sgd_step(model, optimizer, *views(step))
-    assert counter.mirror_reads == model.head.schedule.steps - closes  # one per close, no wait
+    closes = model.head.steps.steps - closes
+    assert closes == STEPS * (2 if options.get("calls_per_update") == 1 else 1)  # one per view with 1
+    assert counter.mirror_reads == closes  # one per close, no wait
     return counter, model.head, levels
 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"freq": 3}, {"variant": "directcopy"}, {"trainable": True, "freq": 3},
-     {"trainable": True, "freq": 2, "calls_per_update": 1}],
-    ids=["directpred", "freq=3", "directcopy", "hybrid-freq=3", "hybrid-deferred"],
+    [{}, {"freq": 3}, {"variant": "directcopy"}, {"trainable": True, "freq": 3}, {"trainable": True, "freq": 2},
+     {"calls_per_update": 1}],
+    ids=["directpred", "freq=3", "directcopy", "hybrid-freq=3", "hybrid-freq=2", "calls_per_update=1"],
 )
 def test_a_refused_candidate_is_recomputed_thoroughly_without_a_wait_then_normal_again(options, monkeypatch):
     """Every normal candidate refused: each refresh after one is thorough (float64, products
@@ -105,7 +108,7 @@ def test_a_refused_candidate_is_recomputed_thoroughly_without_a_wait_then_normal
     assert counter.total == 0, dict(counter.counts)
     assert len(levels) >= 2 and levels == (["normal", "thorough"] * STEPS)[:len(levels)]
     assert int(head.refresh_rejections) == levels.count("normal")  # every thorough one applied
-    assert head.refresher.thorough_refreshes == levels.count("thorough") and head.refresher.exact_refreshes == 0
+    assert head.steps.thorough_refreshes == levels.count("thorough") and head.steps.exact_refreshes == 0
 
 
 @pytest.mark.parametrize("freq", [1, 2])
@@ -114,7 +117,7 @@ def test_a_refused_thorough_candidate_makes_the_next_refresh_exact_which_waits(f
     counter, head, levels = refusing_steady_state(monkeypatch, ["normal", "thorough"], freq=freq)
     assert "exact" in levels and levels == (["normal", "thorough", "exact"] * STEPS)[:len(levels)]
     exact = levels.count("exact")
-    assert head.refresher.exact_refreshes == exact and head.refresher.thorough_refreshes == levels.count("thorough")
+    assert head.steps.exact_refreshes == exact and head.steps.thorough_refreshes == levels.count("thorough")
     assert counter.counts["aten::_linalg_eigh (eigh)"] == exact
     assert counter.counts["aten::_local_scalar_dense (read)"] == exact  # the exact rule's finiteness
     assert counter.total == 2 * exact, dict(counter.counts)

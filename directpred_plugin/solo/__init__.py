@@ -49,6 +49,7 @@ from torch import nn
 import _directpred_solo_autoregister as _hook
 
 from ..head import DirectPredHead
+from ..options import AUTO
 from ..losses import IsoLoss
 from ..predictors import closed_form_options, closed_form_predictors, create_predictor
 
@@ -64,7 +65,6 @@ __all__ = [
     "build_directpred",
     "resolved_options",
     "log_to_stderr",
-    "DEFAULT_CALLS_PER_UPDATE",
 ]
 
 SOLO_INSTALL_HINT = (
@@ -81,11 +81,6 @@ SOLO_INSTALL_HINT = (
 MLP = "mlp"
 
 _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-#: ``method_kwargs.directpred.calls_per_update`` when the config leaves it out: one update
-#: per training step (``"auto"``: the calls between two backward passes pool into one
-#: update). ``null`` instead pools the calls per step that :data:`METHOD_PREDICTORS` counts.
-DEFAULT_CALLS_PER_UPDATE: Union[int, str, None] = "auto"
 
 #: Keys accepted under ``method_kwargs.directpred``: the :class:`DirectPredHead` options
 #: (``stats_dtype`` as ``"float32"``/``"float64"``; ``calls_per_update: null`` means one
@@ -141,7 +136,7 @@ def _create(predictor: str, dim: int, options: Mapping[str, Any], calls_per_step
     name, kwargs = _registry_name(predictor, options)
     if "stats_dtype" in kwargs:
         kwargs["stats_dtype"] = _STATS_DTYPES[kwargs["stats_dtype"]]
-    if kwargs.get("calls_per_update", DEFAULT_CALLS_PER_UPDATE) is None:
+    if kwargs.get("calls_per_update", AUTO) is None:
         kwargs["calls_per_update"] = calls_per_step
     return create_predictor(name, dim, **kwargs)
 
@@ -149,8 +144,8 @@ def _create(predictor: str, dim: int, options: Mapping[str, Any], calls_per_step
 def directpred_options(options: Optional[Mapping[str, Any]] = None, predictor: str = "directpred") -> Dict[str, Any]:
     """Validate ``method_kwargs.directpred`` for ``method_kwargs.predictor: <predictor>``.
 
-    Returns the options the config gives, with ``calls_per_update`` defaulting to
-    :data:`DEFAULT_CALLS_PER_UPDATE`: what is stored back into the cfg (and compared by
+    Returns the options the config gives, with ``calls_per_update`` defaulting to the head's
+    ``"auto"`` (one update per optimizer step): what is stored back into the cfg (and compared by
     solo-learn's auto-resume). Nothing else is filled in: the head applies the name's
     defaults, and an option that means nothing for the variant is refused, not passed.
     Raises ``ValueError`` naming the option and what was expected.
@@ -170,7 +165,7 @@ def directpred_options(options: Optional[Mapping[str, Any]] = None, predictor: s
         raise ValueError(
             f"method_kwargs.directpred.stats_dtype must be one of {sorted(_STATS_DTYPES)}, got {stats_dtype!r}"
         )
-    options.setdefault("calls_per_update", DEFAULT_CALLS_PER_UPDATE)
+    options.setdefault("calls_per_update", AUTO)
     try:  # the head's own checks, on a 1x1 head, so that the messages stay in one place
         _create(predictor, 1, options, calls_per_step=1)
     except (TypeError, ValueError) as err:
@@ -190,9 +185,9 @@ def build_directpred(dim: int, options: Mapping[str, Any], calls_per_step: int,
 
     Built by :func:`directpred_plugin.create_predictor` from ``options`` (validated by
     :func:`directpred_options`). Unless ``calls_per_update`` is set, the head pools the
-    calls between two backward passes: all views of a step are predicted with the same
-    ``W_p``, the EMA takes one step from their pooled correlation and ``freq`` counts
-    training steps, as in the paper. ``calls_per_update: null`` pools ``calls_per_step``
+    calls between two optimizer steps: all views and micro-batches of a step are predicted
+    with the same ``W_p``, the EMA takes one step from their pooled correlation and ``freq``
+    counts optimizer steps, as in the paper. ``calls_per_update: null`` pools ``calls_per_step``
     training-mode calls instead (one per view: BYOL also predicts its small crops).
     """
     head = _create(predictor, dim, directpred_options(options, predictor), calls_per_step)
@@ -638,7 +633,7 @@ def _check_checkpoint_predictors(model: Any, state_dict: Mapping[str, Any]) -> N
         if not saved:
             continue
         # version 3 heads keep F_hat under stats., earlier ones at the top
-        saved_directpred = f"{attr}.stats.corr" in state_dict or f"{attr}.corr" in state_dict
+        saved_directpred = f"{attr}.corr" in state_dict
         built_directpred = isinstance(getattr(model, attr), DirectPredHead)
         if saved_directpred != built_directpred:
             describe = {True: "a DirectPred head (a closed-form method_kwargs.predictor)",
