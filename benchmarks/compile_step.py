@@ -33,7 +33,7 @@ class SmallBYOL(nn.Module):
         backbone = nn.Sequential(nn.Linear(INPUT, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN))
         projector = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, DIM))
         self.online = nn.Sequential(backbone, projector)
-        self.head = DirectPredHead(DIM, trainable=trainable, refresh=refresh, calls_per_update="auto")
+        self.head = DirectPredHead(DIM, trainable=trainable, refresh=refresh)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-CUDA_TEST_FILES = ["tests/test_head.py", "tests/test_matmul_predictors.py", "tests/test_schedule.py",
+CUDA_TEST_FILES = ["tests/test_head.py", "tests/test_matmul_predictors.py", "tests/test_steps.py",
                    "tests/test_refresh.py", "tests/test_sync.py"]
 
 

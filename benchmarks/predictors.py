@@ -45,10 +45,7 @@ def _build(name: str) -> Callable[..., nn.Module]:
     def build(dim: int, hidden: int, method: str = "byol", **options: Any) -> nn.Module:
         if name == "mlp":  # each method uses its own lightly class, as lightly's examples do
             return create_predictor("simsiam-mlp" if method == "simsiam" else "mlp", dim, hidden_dim=hidden, **options)
-        if PACKAGE_PREDICTORS[name].closed_form:
-            # The loop predicts both views, then runs backward: "auto" (the adapters' default)
-            # pools them into one update per iteration, the paper's rule.
-            options = {"calls_per_update": "auto", **options}
+        # closed-form heads pool both views of an iteration into one update (the head's default)
         return create_predictor(name, dim, hidden_dim=hidden, **options)
 
     return build

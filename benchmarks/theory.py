@@ -116,7 +116,8 @@ class DirectPredPredictor:
     rescale = False
 
     def __init__(self, runs: int, dim: int, setting: LinearSetting, generator: torch.Generator) -> None:
-        self.heads = [DirectPredHead(dim) for _ in range(runs)]
+        # one call per simulated step, folded at that call (the simulation steps no torch.optim optimizer)
+        self.heads = [DirectPredHead(dim, calls_per_update=1) for _ in range(runs)]
 
     def parameters(self) -> List[Tensor]:
         return []
