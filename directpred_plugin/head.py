@@ -150,7 +150,9 @@ class DirectPredHead(nn.Module):
             return linear(z, weight)
         if not steps.watching():
             watched = upstream_parameters(z)
-            steps.watch(watched + [self.weight] if self.trainable else watched)
+            steps.watch(watched, self.weight if self.trainable else None)
+            if watched or self.trainable:
+                _wait_for_optimizer_step(self)
         self._collect(z, opens_pool=steps.calls == 0)
         if steps.add_call():
             self._close()
@@ -163,8 +165,6 @@ class DirectPredHead(nn.Module):
         steps = self.steps
         if steps.backward_reached():  # nothing to watch: the backward pass ends the step, beside the rest of it
             steps.run_beside_backward(self.weight.device, self._close)
-        elif steps.waits_for_update():
-            _wait_for_optimizer_step(self)
 
     def _end_step(self) -> None:
         _WAITING.discard(self)
@@ -430,7 +430,7 @@ class DirectPredHead(nn.Module):
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
-        return (f"{self.dim}, variant={self.variant!r}, rho={self.rho}, eps={self.eps}, freq={self.freq}, "
+        return (f"dim={self.dim}, variant={self.variant!r}, rho={self.rho}, eps={self.eps}, freq={self.freq}, "
                 f"trainable={self.trainable}, refresh={self.refresh_strategy!r}")
 
 
@@ -493,8 +493,12 @@ def _wait_for_optimizer_step(head: DirectPredHead) -> None:
 def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     # End the steps this optimizer step ended now, not at the next call: the fold and refresh then
     # overlap the caller's next work on CUDA, and state saved after the step is complete.
-    for head in list(_WAITING):
-        if head.steps.pool_ended(optimizer_stepped=True):
+    waiting = list(_WAITING)
+    if not waiting:
+        return
+    stepped = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    for head in waiting:
+        if head.steps.pool_ended(stepped):
             head._end_step()
 
 

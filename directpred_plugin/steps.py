@@ -52,11 +52,11 @@ class _CallRecord:
 class Steps:
     """A head's host-side state: pools, steps, refresh levels, ``W_p`` copies, counters in flight.
 
-    ``calls_per_update=None`` (``"auto"``) pools every training call of one step. Once a
-    backward pass has reached the pool, the step ends at the next optimizer step (torch's
-    optimizer hook), or at the next call if the parameters the head's input depends on (or a
-    trainable ``W_p``) changed in place otherwise. Where no such parameter exists, the backward
-    pass itself ends the step. An integer closes the pool after
+    ``calls_per_update=None`` (``"auto"``) pools every training call of one step. If the head's
+    input depends on parameters (or ``W_p`` is trainable), the step ends at the next optimizer
+    step (torch's optimizer hook), or at the next call if those parameters changed in place
+    otherwise. Where no such parameter exists, the backward pass that reaches a call of the
+    pool ends the step. An integer closes the pool after
     that many calls. Every ``freq``-th step is due a refresh. Nothing here reads the device
     except :meth:`peek_counters` (a finished copy) and an ambiguous recomputation.
     """
@@ -88,6 +88,7 @@ class Steps:
         self._event: Optional[Any] = None
         self._watched: Optional[List[Tensor]] = None  # None: not known yet for the open pool
         self._watched_version = 0
+        self._weight_last = False
         self._records: List[weakref.ref] = []
         self._copy: Optional[Tuple[Tuple[int, int, torch.dtype], Tensor]] = None
         self._casts: Dict[torch.dtype, Tensor] = {}
@@ -97,10 +98,12 @@ class Steps:
         nor after a load)."""
         return not self.auto or self._watched is not None
 
-    def watch(self, watched: List[Tensor]) -> None:
-        """Watch these parameters (those of the pool's first call) for the step's end."""
-        self._watched = watched
-        self._watched_version = _version_sum(watched)
+    def watch(self, watched: List[Tensor], trainable_weight: Optional[Tensor] = None) -> None:
+        """Watch these parameters (those of the pool's first call, and a trainable ``W_p``, whose own
+        optimizer's step then ends the step) for the step's end."""
+        self._weight_last = trainable_weight is not None
+        self._watched = watched + [trainable_weight] if trainable_weight is not None else watched
+        self._watched_version = _version_sum(self._watched)
 
     def add_call(self) -> bool:
         """A call joined the pool; True if the pool is now full (integer ``calls_per_update``)."""
@@ -115,15 +118,28 @@ class Steps:
         return not self._watched
 
     def waits_for_update(self) -> bool:
-        """An "auto" pool whose backward pass ran waits for the watched parameters to change."""
-        return self.auto and self.calls > 0 and self.backward_seen and bool(self._watched)
+        """An open "auto" pool that watches parameters waits for them to be updated.
 
-    def pool_ended(self, optimizer_stepped: bool = False) -> bool:
-        """Whether the open pool's step is over: an optimizer step ran (torch's optimizer hook says so;
-        fused optimizers do not bump a parameter's version), or a watched parameter changed in place."""
+        Not only once a backward pass reached it: a loss built without the head's output
+        (IsoLoss hands its gradient to the input) never runs the output's backward.
+        """
+        return self.auto and self.calls > 0 and bool(self._watched)
+
+    def pool_ended(self, stepped: Optional[set] = None) -> bool:
+        """Whether the open pool's step is over.
+
+        ``stepped``: the ids of the parameters of an optimizer that just stepped (torch's optimizer
+        hook; fused optimizers do not bump a parameter's version): the step is over if it holds a
+        watched parameter, or, where the watched list ends with a trainable ``W_p``, that one.
+        Without it: whether a watched parameter changed in place since the pool opened.
+        """
         if not self.waits_for_update():
             return False
-        return optimizer_stepped or _version_sum(self._watched or []) != self._watched_version
+        watched = self._watched or []
+        if stepped is not None:
+            required = watched[-1:] if self._weight_last else watched
+            return any(id(tensor) in stepped for tensor in required)
+        return _version_sum(watched) != self._watched_version
 
     def close(self, *, empties_pool: bool = True) -> bool:
         """A step ended: the open pool closed, or (``empties_pool=False``) a batch was folded on

@@ -52,6 +52,7 @@ def main(out_dir, sync_dist, auto_no_broadcast):
             "weights": record.weights,
             "first_batch": record.first_batch,
             "state": {k: v.clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)},
+            "num_updates": head.num_updates.clone(),  # saved inside the extra state, read here by name
             "gathered": gathered,
         },
         f"{out_dir}/rank{trainer.global_rank}.pt",

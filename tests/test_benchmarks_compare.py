@@ -217,12 +217,16 @@ def test_simsiam_is_lightlys_without_a_target():
     assert not any("momentum" in name for name, _ in mlp.named_modules())
     head = build_method(cfg, data, "directpred:eps=0.1", seed=0)
     x0, x1 = next(data.views(16, torch.Generator().manual_seed(0), torch.device("cpu")))
+    optimizer = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.01)
     loss, z0 = head.training_loss(x0, x1)
     loss.backward()
     assert -1.0 <= loss.item() <= 1.0 and z0.shape == (16, 16)
-    # both views pooled into one update, folded by the step's backward pass ("auto")
-    assert head.predictor.eps == 0.1 and head.predictor.schedule.calls == 0
-    assert int(head.predictor.num_updates) == 1
+    # both views pooled ("auto"); a projector is upstream, so the optimizer step ends the step
+    assert head.predictor.eps == 0.1 and head.predictor.steps.calls == 2
+    assert int(head.predictor.num_updates) == 0
+    optimizer.step()
+    # both views pooled into one update, folded when the optimizer stepped
+    assert head.predictor.steps.calls == 0 and int(head.predictor.num_updates) == 1
 
 
 def test_predictor_specs_parse_literals_and_name_bad_ones():

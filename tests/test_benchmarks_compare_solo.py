@@ -156,8 +156,8 @@ def test_a_step_uses_solos_loss_and_momentum_updater(solo_methods):
         getattr(model.solo, attr).register_forward_hook(lambda m, i, out, outputs=outputs: outputs.append(out))
     x0, x1 = next(DigitsData().views(16, torch.Generator().manual_seed(0), torch.device("cpu")))
     loss, z0 = model.training_loss(x0, x1)
-    # both views pooled, to be folded when the step's backward pass reaches the head ("auto")
-    assert z0.shape == (16, 8) and model.predictor.schedule.calls == 2
+    # both views pooled, to be folded when the optimizer steps ("auto")
+    assert z0.shape == (16, 8) and model.predictor.steps.calls == 2
     (p0, p1), (t0, t1) = seen["predictor"], seen["momentum_projector"]
     # as BYOL.training_step pairs them: each view's prediction against the other view's target
     assert loss.item() == pytest.approx((byol_loss_func(p1, t0) + byol_loss_func(p0, t1)).item(), rel=1e-5)

@@ -162,7 +162,7 @@ def test_lightly_byol_training_step(form):
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
     projection_head = BYOLProjectionHead(16, 32, DIM)
-    prediction_head = DirectPredHead(DIM)
+    prediction_head = DirectPredHead(DIM)  # "auto": one update per optimizer step, both views pooled
     backbone_momentum = copy.deepcopy(backbone)
     projection_head_momentum = copy.deepcopy(projection_head)
     deactivate_requires_grad(backbone_momentum)
@@ -171,12 +171,15 @@ def test_lightly_byol_training_step(form):
     params = list(backbone.parameters()) + list(projection_head.parameters())
     optimizer = torch.optim.SGD(params, lr=0.05)
 
-    for _ in range(3):
+    for step in range(3):
         x0, x1 = torch.randn(32, 12), torch.randn(32, 12)
         update_momentum(backbone, backbone_momentum, m=0.99)
         update_momentum(projection_head, projection_head_momentum, m=0.99)
         z0, z1 = projection_head(backbone(x0)), projection_head(backbone(x1))
         p0, p1 = prediction_head(z0), prediction_head(z1)
+        # IsoLoss reads head.weight: under "auto" it is the W_p both calls of the step used
+        torch.testing.assert_close(p0, z0 @ prediction_head.weight.T)
+        torch.testing.assert_close(p1, z1 @ prediction_head.weight.T)
         t0 = projection_head_momentum(backbone_momentum(x0)).detach()
         t1 = projection_head_momentum(backbone_momentum(x1)).detach()
         loss = 0.5 * (criterion(z0, p0, t1) + criterion(z1, p1, t0))
@@ -186,5 +189,8 @@ def test_lightly_byol_training_step(form):
         grads = [p.grad for p in projection_head.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(g.abs().sum() for g in grads) > 0
+        assert prediction_head.num_updates.item() == step  # the backward pass alone ends no step
         optimizer.step()
-    assert prediction_head.num_updates.item() == 6
+        assert prediction_head.num_updates.item() == step + 1
+    assert prediction_head.num_updates.item() == 3
+    assert (prediction_head.weight - torch.eye(DIM)).abs().max() > 0.01

@@ -111,8 +111,8 @@ class _Recorder:
     ("ns", {"freq": 3}, ("ns", {"freq": 3, "calls_per_update": "auto"})),
     ("directset", {"alpha": 0.25, "stats_dtype": "float64"},
      ("directset", {"alpha": 0.25, "stats_dtype": torch.float64, "calls_per_update": "auto"})),
-    ("directpred-hybrid", {"variant": "directpred", "calls_per_update": 2},
-     ("directpred-hybrid", {"calls_per_update": 2})),
+    ("directpred-hybrid", {"variant": "directpred", "freq": 3},
+     ("directpred-hybrid", {"freq": 3, "calls_per_update": "auto"})),
     # the form configs used before every member was a choice: the member's name and defaults
     ("directpred", {"variant": "ns", "calls_per_update": None}, ("ns", {"calls_per_update": 3})),
 ])
@@ -457,7 +457,7 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     calls = {attr: [] for attr in heads}  # training-mode calls of each head, per step
     for attr, head in heads.items():
         head.register_forward_pre_hook(
-            lambda module, args, seen=calls[attr]: seen.append(module.schedule.steps)
+            lambda module, args, seen=calls[attr]: seen.append(module.steps.steps)
             if module.training and torch.is_grad_enabled() else None)
 
     trainer = fit(model, precision=precision)
@@ -473,7 +473,7 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
         # nothing; with "auto" each step's pool is folded by its backward pass
         assert head.calls_per_update == "auto"
         assert int(head.num_updates) == STEPS, attr
-        assert head.schedule.calls == 0, attr
+        assert head.steps.calls == 0, attr
         assert calls[attr].count(STEPS - 1) == METHOD_PREDICTORS[method][attr](model), attr  # the last step's
         assert not torch.allclose(head.weight, before[attr]), attr
         assert torch.isfinite(head.weight).all()
@@ -485,7 +485,9 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
     [("lars", False, False), ("lars", True, True), ("sgd", True, False), ("adamw", False, True)],
 )
 def test_param_groups_stay_valid_for_solos_optimizers(methods, optimizer, trainable, split_weight_decay):
-    options = {"trainable": True, "freq": 2} if trainable else {}  # a trainable W_p needs freq > 1
+    # a trainable W_p needs freq > 1; freq=2 either way, so the first step's end refreshes nothing and
+    # only the optimizer can have moved W_p
+    options = {"trainable": True, "freq": 2} if trainable else {"freq": 2}
     cfg = make_cfg("simsiam", optimizer=optimizer, predictor="directpred", directpred=options)
     cfg.optimizer.exclude_bias_n_norm_wd = split_weight_decay
     cfg.scheduler.name = "none"  # configure_optimizers then needs no Trainer
@@ -519,8 +521,8 @@ def test_resume_restores_the_head_and_refuses_another_predictor(methods, tmp_pat
     ckpt = tmp_path / "byol.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = snapshot_state(model.predictor)
-    # one update per step, each folded by its backward pass: nothing is left open to save
-    assert int(saved["stats.num_updates"]) == STEPS and saved["_extra_state"]["schedule"]["calls"] == 0
+    # one update per step, each folded at its optimizer step: nothing is left open to save
+    assert (int(model.predictor.num_updates), model.predictor.steps.calls) == (STEPS, 0)
 
     class Snapshot(Callback):
         def on_train_start(self, trainer, module):
@@ -666,8 +668,10 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
     (ckpt,) = (tmp_path / "ckpt" / method).glob("*/*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("predictor.0.") for k in state)  # no MLP
-    # all-reduced statistics, one update per step, each folded by its backward pass
-    assert int(state["predictor.stats.num_updates"]) == STEPS and state["predictor._extra_state"]["schedule"]["calls"] == 0
+    # all-reduced statistics, one update per step, each folded at its optimizer step
+    saved = DirectPredHead(32)
+    saved.load_state_dict({k.removeprefix("predictor."): v for k, v in state.items() if k.startswith("predictor.")})
+    assert (int(saved.num_updates), saved.steps.calls) == (STEPS, 0)
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
     args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"

@@ -43,7 +43,7 @@ def test_integer_pools_are_not_closed_by_a_backward_pass_nor_ended_by_an_optimiz
     steps = Steps(freq=1, calls_per_update=2)
     steps.add_call()
     assert not steps.backward_reached() and steps.calls == 1 and not steps.backward_seen
-    assert not steps.waits_for_update() and not steps.pool_ended(optimizer_stepped=True)
+    assert not steps.waits_for_update() and not steps.pool_ended(stepped=set())
 
 
 def test_an_auto_pool_with_nothing_watched_is_ended_by_the_backward_pass():
@@ -55,27 +55,37 @@ def test_an_auto_pool_with_nothing_watched_is_ended_by_the_backward_pass():
     assert steps.close() and steps.calls == 0 and steps.steps == 1
     assert not steps.watching()  # the next pool learns its own parameters
     assert not steps.backward_reached()  # later hooks of that backward pass: nothing left to end
-    assert not steps.waits_for_update() and not steps.pool_ended(optimizer_stepped=True)
+    assert not steps.waits_for_update() and not steps.pool_ended(stepped=set())
 
 
 def test_an_auto_pool_with_watched_parameters_waits_for_their_update():
     steps = Steps(freq=1, calls_per_update=None)
-    parameter = torch.zeros(3, requires_grad=True)
+    parameter, other = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
     steps.watch([parameter])
     steps.add_call()
-    with torch.no_grad():
-        parameter.add_(1.0)  # before the backward pass: a forward-time edit is not the step's end
-    assert not steps.pool_ended() and not steps.pool_ended(optimizer_stepped=True)
-    steps.watch([parameter])  # (re)read the versions, as the pool's first call does
+    assert steps.waits_for_update()  # from the first call on: a loss may never reach the head's output
     assert not steps.backward_reached()  # the backward pass alone does not end it
     assert steps.backward_seen and steps.waits_for_update()
     assert not steps.pool_ended()  # gradient accumulation: more backward passes may come
-    assert steps.pool_ended(optimizer_stepped=True)  # torch's optimizer hook (fused optimizers bump no version)
+    assert not steps.pool_ended(stepped={id(other)})  # another optimizer's step
+    assert steps.pool_ended(stepped={id(other), id(parameter)})  # torch's optimizer hook (fused: no version bump)
     with torch.no_grad():
         parameter.sub_(0.5)  # an update other than torch.optim's, seen at the next call
     assert steps.pool_ended()
     steps.close()
     assert not steps.backward_seen and not steps.waits_for_update() and not steps.watching()
+
+
+def test_a_trainable_weight_is_ended_by_its_own_optimizer_only():
+    steps = Steps(freq=2, calls_per_update=None)
+    upstream, weight = torch.zeros(3, requires_grad=True), torch.eye(2, requires_grad=True)
+    steps.watch([upstream], weight)
+    steps.add_call()
+    assert not steps.pool_ended(stepped={id(upstream)})  # the backbone's optimizer: W_p's gradient is unused yet
+    assert steps.pool_ended(stepped={id(weight)})
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert steps.pool_ended()
 
 
 def test_a_batch_folded_beside_the_open_pool_is_a_step_that_keeps_the_pool():
@@ -167,7 +177,7 @@ def test_a_loaded_auto_pool_learns_its_watched_parameters_again():
     loaded.load_state(steps.state())
     assert loaded.backward_seen and loaded.calls == 1
     assert not loaded.watching()  # parameters are not saved: the next call watches them again
-    assert not loaded.waits_for_update() and not loaded.pool_ended(optimizer_stepped=True)
+    assert not loaded.waits_for_update() and not loaded.pool_ended(stepped=set())
 
 
 def test_unknown_refresh_levels_are_refused():
