@@ -576,6 +576,57 @@ def test_checkpointing_a_step_whose_calls_used_different_weights_raises():
                                            "backward passes are still pending"):
         checkpointed_step(model, x0, x1, "non-reentrant")
 
+
+@pytest.mark.parametrize("regime", ["leaf inputs", "projector with an optimizer step per backward pass",
+                                    "projector, accumulated"])
+def test_a_pipelined_schedule_is_recomputed_exactly_or_refused(regime):
+    """F0 F1 B0 F2 B1 with the head inside non-reentrant checkpointing: when a refresh falls between
+    F1 and B1, F1's recomputation cannot use F2's W_p (the projector's gradient would be silently
+    off); where nothing changed W_p in between, the gradients equal the unchecked run's."""
+
+    def run(checkpointed):
+        torch.manual_seed(0)
+        projector = nn.Linear(12, DIM)
+        head = DirectPredHead(DIM)
+        optimizer = torch.optim.SGD(projector.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        inputs = [torch.randn(16, 12, generator=gen) for _ in range(3)]
+
+        def embed(x):
+            if regime == "leaf inputs":
+                return x[:, :DIM].clone().requires_grad_(True)
+            return projector(x)
+
+        def forward(x):
+            z = embed(x)
+            p = checkpoint(head, z, use_reentrant=False) if checkpointed else head(z)
+            return z, (p - z.detach()).pow(2).mean()
+
+        def backward(loss):
+            loss.backward()
+            if regime == "projector with an optimizer step per backward pass":
+                optimizer.step()
+                optimizer.zero_grad()
+
+        z0, l0 = forward(inputs[0])
+        z1, l1 = forward(inputs[1])
+        backward(l0)
+        z2, l2 = forward(inputs[2])
+        backward(l1)  # recomputes F1 when checkpointed
+        backward(l2)
+        grad = z1.grad if regime == "leaf inputs" else projector.weight.grad
+        return head, grad
+
+    if regime == "projector, accumulated":  # one optimizer step ahead: W_p is the same for F0, F1, F2
+        (plain, expected), (checked, got) = run(False), run(True)
+        assert torch.equal(got, expected)
+        assert_same_state(snapshot(plain), snapshot(checked))
+    else:  # B0 ended a step, so F2 used another W_p than F1, which is still waiting for its backward pass
+        with pytest.raises(RuntimeError, match="cannot be recomputed exactly.*W_p changed between calls whose "
+                                               "backward passes are still pending"):
+            run(True)
+
+
 # ----------------------------------------------------------------- steps with calls_per_update="auto"
 def byol_step(head, crops, backward=True):
     """Every crop through the head, then one backward pass; returns the outputs."""
