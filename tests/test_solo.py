@@ -269,13 +269,13 @@ def dataloaders(cfg):
     return prepare_dataloader(train, batch_size=BATCH, num_workers=0), DataLoader(val, batch_size=BATCH)
 
 
-def fit(model, *, steps=STEPS, epochs=1, ckpt_path=None, callbacks=(), precision="32-true"):
+def fit(model, *, steps=STEPS, epochs=1, ckpt_path=None, callbacks=(), precision="32-true", accumulate=1):
     from lightning.pytorch import Trainer
 
     trainer = Trainer(
         accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1,
         num_sanity_val_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=list(callbacks),
+        enable_model_summary=False, callbacks=list(callbacks), accumulate_grad_batches=accumulate,
     )
     train, val = dataloaders(model.cfg)
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
@@ -478,6 +478,30 @@ def test_fit_through_solo_learn_trains_the_directpred_head(methods, case):
         assert not torch.allclose(head.weight, before[attr]), attr
         assert torch.isfinite(head.weight).all()
         assert (id(head.weight) in in_optimizer) == trainable
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method, options", [("byol", {}), ("simsiam", {"trainable": True, "freq": 2})],
+                         ids=["byol", "simsiam-trainable"])
+def test_gradient_accumulation_through_solo_learn_makes_one_update_per_optimizer_step(methods, method, options):
+    """``accumulate_grad_batches=2``: the two batches of an optimizer step, every view of each,
+    pool into one update (F_hat equals one fold of their projections) and W_p is the same for all."""
+    model = methods[method](make_cfg(method, predictor="directpred", directpred=options))
+    head = model.predictor
+    seen = []  # per training call: (optimizer steps so far, the call's input, the W_p it used)
+    head.register_forward_hook(lambda module, args, out: seen.append(
+        (model.trainer.global_step, args[0].detach().double(), module.weight.detach().clone()))
+        if module.training and torch.is_grad_enabled() else None)
+    trainer = fit(model, steps=4, accumulate=2)
+    assert trainer.global_step == 2
+    assert int(head.num_updates) == head.steps.steps == 2 and head.steps.calls == 0
+    reference = DirectPredHead(16, stats_dtype=torch.float64)
+    for step in range(2):
+        calls = [(z, weight) for count, z, weight in seen if count == step]
+        assert len(calls) == 4  # two batches, two views each
+        assert all(torch.equal(weight, calls[0][1]) for _, weight in calls)  # one W_p for the whole window
+        reference.update(torch.cat([z for z, _ in calls]))
+    torch.testing.assert_close(head.corr.double(), reference.corr, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
