@@ -154,6 +154,74 @@ def _converged_steps(floor: float) -> int:
     return 200
 
 
+#: The square root is taken of ``A / U + shift I`` with ``shift`` this many units of rounding of
+#: the compute dtype: float32 statistics of a rank-deficient EMA have eigenvalues down to about
+#: ``-1e-7`` of the top, where an unshifted iteration diverges (see :func:`_negative_part_bound`).
+SHIFT_UNITS = 2.0
+#: Grid (log10 of the eigenvalue, points per decade) over which the scalar iteration is tabulated.
+_GRID_DECADES, _GRID_DENSITY = 30, 40
+
+
+def _scalar_iteration(a: Tensor, schedule: Tuple[Tuple[float, float], ...]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The coupled iteration of :meth:`IterativeRefresh.square_root` on each entry of ``a``.
+
+    Returns ``(y, z, p)``: ``y`` and ``z`` as the matrix iteration leaves them on an eigenvalue
+    ``a`` (``z`` without the last step's factor) and that last factor ``p``.
+    """
+    y, z, p = a, torch.ones_like(a), torch.ones_like(a)
+    for step, (c1, c3) in enumerate(schedule):
+        if step:
+            z = p * z
+        p = c1 - c3 * (z * y)
+        y = y * p
+    return y, z, p
+
+
+def _grid(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.logspace(-_GRID_DECADES, 0, _GRID_DECADES * _GRID_DENSITY + 1, dtype=dtype, device=device)
+
+
+def _negative_part_bound(residual: Tensor, schedule: Tuple[Tuple[float, float], ...]) -> Tensor:
+    """``psi`` with ``sum over a < 0 of (|a| + f(a)^2) <= psi tr(I - Y Z)``, given ``residual >= lambda_max(Y^2 - A)``.
+
+    On an eigenvalue ``a < 0`` the iterate is ``f(a) = a * prod(p) < 0`` and every factor
+    ``p = c1 + c3 |t|`` exceeds 1 and grows with ``|t|``, so ``f`` diverges: ``phi(m) = m + f(-m)^2``,
+    the eigenvalue of ``E = Y^2 - A`` there, increases steeply with ``m`` (``5e-9`` at ``m = 3e-9``,
+    ``4e-6`` at ``1e-7``, ``0.2`` at ``3e-7`` for the default schedule). So ``phi(|a|) <= residual``
+    confines every negative eigenvalue to ``[-m*, 0)`` with ``m*`` the first grid point past the
+    last one where ``phi < residual``. There ``|a| + f^2 = |a| k_full`` with
+    ``k_full = 1 - a z_full^2 <= k * p_last(-m*)`` and ``k = 1 - y z >= 1`` the eigenvalue of
+    ``I - Y Z`` (``z`` without the last factor), which is ``>= 0`` on every ``a >= 0`` (there
+    ``y z = s_K s_(K-1)`` with both ``s`` in ``[0, 1]``). Everything is computed on the device.
+    """
+    m = _grid(residual.dtype, residual.device)
+    f, _, p_last = _scalar_iteration(-m, schedule)
+    phi = torch.nan_to_num(m + f * f, nan=math.inf)  # an overflow of f: the eigenvalue is certainly ruled out
+    psi = m * torch.nan_to_num(p_last, nan=math.inf)
+    below = torch.where(phi < residual, torch.arange(len(m), device=m.device), -1).max()
+    psi = torch.cat([psi, psi.new_full((1,), math.inf)])
+    return psi.index_select(0, (below + 1).reshape(1)).squeeze(0) + residual * 0  # a NaN residual stays NaN
+
+
+@lru_cache(maxsize=None)
+def _shift_constant(shift: float, schedule: Tuple[Tuple[float, float], ...]) -> float:
+    """``C`` such that the shift costs at most ``C shift^2 z(a)^2`` on every eigenvalue ``a >= 0``.
+
+    Iterating on ``a = b + shift`` for the rule's ``sqrt(max(b, 0))`` costs at most
+    ``x(a) = (sqrt(a) - sqrt(max(a - shift, 0)))^2`` more than the trace certificate counts
+    (``a`` where ``a <= shift``). ``z ~ 1 / sqrt(a)`` once the iteration has converged and
+    ``z ~ prod(c1)`` below the floor, so ``x / (shift z)^2`` is bounded; ``C`` is its largest
+    value on a grid of ``a`` 40 points a decade, the shift itself included, with 5% to spare
+    (the ratio is smooth between grid points). A constant of the schedule, computed once on
+    the host in float64.
+    """
+    a = torch.cat([_grid(torch.float64, torch.device("cpu")), torch.tensor([shift], dtype=torch.float64)])
+    _, z, _ = _scalar_iteration(a, schedule)
+    rest = (a - shift).clamp_min(0)
+    cost = torch.where(a <= shift, a, shift * shift / (a.sqrt() + rest.sqrt()).square())
+    return float((cost / (shift * z).square()).max()) * 1.05
+
+
 class IterativeRefresh(nn.Module):
     """Matrix products only, accepted only under a certified error bound.
 
@@ -162,11 +230,17 @@ class IterativeRefresh(nn.Module):
       an upper bound ``U`` that tightens to ``lambda_max`` (within ``dim^(2^-(k+1))``);
       the Rayleigh quotient of ``B_k``'s largest column is a lower bound ``theta``. Both are
       bounds whatever the spectrum: no start vector can miss the top eigenvector.
-    - DirectCopy: ``W_p = A / theta + eps I``; its error is at most ``(U - theta) / theta``.
-    - DirectPred: ``sqrt(A / U)`` by a coupled Newton-Schulz iteration with per-step scaled
-      cubics (:func:`_sqrt_schedule`), which approaches the root from below because
-      ``A / U`` has no eigenvalue above 1; so ``tr(A/U) - ||Y||_F^2 >= ||sqrt(A/U) - Y||_F^2``
-      (the trace certificate). Rescaled by ``sqrt(U / theta)``, plus ``eps I``.
+    - DirectCopy: ``W_p = A / theta + eps I``; its error is at most ``(U - theta) / theta``
+      (more where ``tr A < 0``, see :meth:`candidate`).
+    - DirectPred: ``sqrt(A / U + shift I)`` by a coupled Newton-Schulz iteration with per-step
+      scaled cubics (:func:`_sqrt_schedule`), which approaches the root from below on every
+      eigenvalue in ``[0, 1]``; so there ``a - y^2 >= (sqrt(a) - y)^2`` and the trace
+      ``tr(A/U) - ||Y||_F^2`` certifies the error (the trace certificate). Statistics are only
+      symmetric, not PSD: float32 rounding leaves eigenvalues down to ~-1e-7 of the top, where
+      the iteration diverges and the trace certificate undercounts. The shift of a few
+      rounding units keeps those out of the diverging range, its cost is bounded, and the
+      residual ``||Y^2 - A'||_F`` certifies that no eigenvalue lies deep enough below 0 to
+      matter (:meth:`square_root_error`). Rescaled by ``sqrt(U / theta)``, plus ``eps I``.
 
     The bound on ``||W - W_exact||_F / ||W_exact||_F`` is computed on the device; a
     candidate above ``tol`` (or non-finite) is refused and the head keeps its previous
@@ -216,7 +290,10 @@ class IterativeRefresh(nn.Module):
         schedule needs to converge (:func:`_converged_steps`), cast back to the statistics'
         dtype (the cast's rounding is added to the bound) and accepted under the same ``tol``.
         The floor stays: a lower one, or steps past convergence, make the certificate worse on
-        rank-deficient statistics (measured in ``tests/test_refresh.py``).
+        rank-deficient statistics (measured in ``tests/test_refresh.py``). Its square-root
+        shift is float64's (:data:`SHIFT_UNITS`), far below the ~-1e-7 eigenvalues that rounding
+        can leave in float32 statistics: where those are deep enough to make the iteration
+        diverge, the residual certifies it, the candidate is refused and the exact rule follows.
         """
         form = IterativeRefresh(self.dim, tol=self.tol, squarings=self.squarings + THOROUGH_EXTRA_SQUARINGS,
                                 sqrt_steps=max(self.sqrt_steps, _converged_steps(self.sqrt_floor)),
@@ -243,25 +320,60 @@ class IterativeRefresh(nn.Module):
         return weight, all_finite(weight) & (bound <= self.tol)
 
     def candidate(self, stats: Tensor, power: float, eps: float) -> Tuple[Tensor, Tensor]:
-        """``(W, bound)``: the weight for ``p = (s / max s)^power + eps`` and its error bound."""
+        """``(W, bound)``: the weight for ``p = (max(s, 0) / max s)^power + eps`` and its error bound.
+
+        ``stats`` may be any symmetric matrix: a float32 estimate of a PSD correlation is
+        slightly indefinite, and the bound holds against the rule with ``max(s, 0)``
+        (DirectCopy's rule keeps ``F``'s negative part, so does its candidate). A candidate
+        whose ``lambda_max`` is not bracketed away from 0 (a ``stats`` whose largest
+        eigenvalue is not its largest in magnitude, or <= 0) is refused unless ``stats`` is 0.
+        """
+        dim = stats.shape[-1]
+        unit = torch.finfo(stats.dtype).eps
+        # the bracket's own rounding: the Rayleigh quotient's dot products (d terms) and the
+        # squarings' logarithms, which a tight bracket (gap ~ 0) does not show
+        rounding = (dim + self.squarings + 4) * unit
         lower, upper = self.top_eigenvalue_bracket(stats)
-        gap = (upper - lower) * inverse_or_zero(lower)
-        eye = torch.eye(stats.shape[-1], dtype=stats.dtype, device=stats.device)
+        gap = torch.where(lower > 0, (upper - lower) * inverse_or_zero(lower),
+                          torch.where(upper > 0, math.inf, 0.0))
+        eye = torch.eye(dim, dtype=stats.dtype, device=stats.device)
         if power == 1.0:
-            return stats * inverse_or_zero(lower) + eps * eye, gap
+            # ||W - W_exact|| = ||F / lambda_max|| (lambda_max / lower - 1); ||F / lambda_max + eps I||^2
+            # = ||F / lambda_max||^2 (1 + 2 (t / n) x + d x^2) with t = tr F, n = ||F||, x >= 0, whose
+            # minimum is 1 - (t / n)^2 / d >= 0 when t < 0: the relative error is at most gap / sqrt(that).
+            trace = stats.diagonal().sum().clamp_max(0)
+            norm = stats.norm()
+            floor = 1 - (trace * inverse_or_zero(norm)).square() / dim
+            ratio = torch.where(floor > 0, floor.clamp_min(torch.finfo(stats.dtype).tiny).rsqrt(), math.inf)
+            bound = torch.where(gap > 0, gap * ratio, gap)
+            return stats * inverse_or_zero(lower) + eps * eye, bound + rounding * (1 + bound)
+        shift = SHIFT_UNITS * unit
+        schedule = _sqrt_schedule(self.sqrt_floor, self.sqrt_steps)
         scaled = stats * inverse_or_zero(upper)
-        root, certificate = self.square_root(scaled)
-        rescale = torch.sqrt(upper * inverse_or_zero(lower))
+        shifted = (scaled + shift * eye) / (1 + shift)  # eigenvalues a' in [-1, 1]
+        root, inverse = self.square_root(shifted)
+        root_error = self.square_root_error(shifted, root, inverse, shift / (1 + shift), schedule)
+        # root * rescale = sqrt(max(stats, 0) / lower) + (its error, scaled alike), and
+        # sqrt(max(stats, 0) / lower) is sqrt(lambda_max / lower) - 1 <= sqrt(upper / lower) - 1 of
+        # the rule's sqrt(max(stats, 0) / lambda_max), whose norm is at most ||W_exact||.
+        rescale = torch.sqrt(upper * (1 + shift) * inverse_or_zero(lower))
         weight = root * rescale + eps * eye
-        # ||W_exact||_F^2 >= tr(A / lambda_max) + eps^2 d >= tr(scaled) + eps^2 d, and the
-        # lambda_max estimate adds at most gap / 2 of ||sqrt(A / lower)||_F.
-        trace = scaled.diagonal().sum().clamp_min(0)
-        error = rescale * certificate.abs().sqrt() + gap / 2 * rescale * trace.sqrt()
-        norm = torch.sqrt(trace + eps * eps * stats.shape[-1])
-        return weight, error / norm.clamp_min(torch.finfo(stats.dtype).tiny)
+        # ||W_exact||_F^2 = sum (sqrt(r) + eps)^2 with r = max(s, 0) / lambda_max, the largest r 1
+        # (where lambda_max > 0, else the candidate is refused): >= max(sum r, 1) + 2 eps + d eps^2,
+        # and sum r = tr(max(stats, 0)) / lambda_max >= tr(stats) / upper
+        norm = torch.sqrt(scaled.diagonal().sum().clamp_min(1) + 2 * eps + eps * eps * dim)
+        error = rescale * root_error.sqrt() / norm + (torch.sqrt(1 + gap) - 1)
+        bound = torch.where(upper > 0, error, torch.zeros_like(error))  # zero statistics: eps I, exactly
+        return weight, bound + rounding * (1 + bound)
 
     def top_eigenvalue_bracket(self, stats: Tensor) -> Tuple[Tensor, Tensor]:
-        """Certified ``(lower, upper)`` bounds on the largest eigenvalue of a PSD ``stats``."""
+        """Certified ``(lower, upper)`` bounds on the largest eigenvalue of a symmetric ``stats``.
+
+        ``upper`` bounds the spectral radius, so it bounds ``lambda_max`` too; ``lower`` is a
+        Rayleigh quotient clamped at 0, so it never exceeds ``lambda_max`` where that is > 0.
+        If the eigenvalue of largest magnitude is negative the power singles out its
+        eigenvector, ``lower`` is 0 and the candidate is refused.
+        """
         tiny = torch.finfo(stats.dtype).tiny
         norm = stats.norm()
         power = stats * inverse_or_zero(norm)
@@ -272,16 +384,18 @@ class IterativeRefresh(nn.Module):
             power = power * inverse_or_zero(factor)
             log_upper = log_upper + torch.log(factor.clamp_min(tiny)) / 2**k
         upper = torch.where(norm > 0, torch.exp(log_upper), torch.zeros_like(norm))
-        # the largest column of a high power of a PSD matrix lies close to its top eigenspace
+        # the largest column of a high power lies close to the eigenspace of largest |eigenvalue|
         column = power.index_select(1, power.norm(dim=0).argmax().reshape(1)).squeeze(1)
         column = column * inverse_or_zero(column.norm())
         lower = (column @ _matmul(stats, column)).clamp_min(0)
         return lower, torch.maximum(upper, lower)
 
     def square_root(self, a: Tensor) -> Tuple[Tensor, Tensor]:
-        """Coupled Newton-Schulz ``sqrt(a)`` for PSD ``a`` with eigenvalues <= 1, and ``tr(a) - ||Y||_F^2``."""
-        trace = a.diagonal().sum()
-        # Y_k -> sqrt(a), Z_k -> a^(-1/2) on the converged part; Z_0 = I, so Z_1 = P_0.
+        """Coupled Newton-Schulz ``(Y, Z)``: ``Y -> sqrt(a)``, ``Z -> a^(-1/2)`` (without the last step's factor).
+
+        On an eigenvalue ``a`` in ``[0, 1]`` the iterate ``y = sqrt(a) s`` has ``s`` in ``[0, 1]``
+        (:func:`_sqrt_schedule`); on ``a < 0`` it diverges (:func:`_negative_part_bound`).
+        """
         y: Tensor = a
         z: Optional[Tensor] = None
         p: Optional[Tensor] = None
@@ -293,7 +407,45 @@ class IterativeRefresh(nn.Module):
             p.diagonal().add_(c1)
             y = _matmul(y, p)
             y = (y + y.mT) / 2  # products of commuting factors, symmetric up to rounding
-        return y, trace - y.square().sum()
+        if z is None:
+            z = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        return y, z
+
+    def square_root_error(self, a: Tensor, y: Tensor, z: Tensor, shift: float,
+                          schedule: Tuple[Tuple[float, float], ...]) -> Tensor:
+        """A bound on ``||Y - sqrt(max(a - shift I, 0))||_F^2`` for a symmetric ``a`` with eigenvalues <= 1.
+
+        Per eigenvalue ``a`` of ``a`` (the iterate is ``f(a)``, a polynomial in ``a``), against
+        ``sqrt(max(a - shift, 0))``:
+
+        - ``a >= 0``: ``0 <= f <= sqrt(a)``, so where ``f`` is below the target its squared
+          error is at most ``a - f^2`` (the trace certificate's term, ``>= 0``), and elsewhere
+          at most ``x(a) = (sqrt(a) - sqrt(max(a - shift, 0)))^2``. The ``x`` sum to at most
+          ``min(d shift, C shift^2 ||Z||_F^2)`` (:func:`_shift_constant`).
+        - ``a < 0``: the squared error is ``f^2``, while the certificate's term is
+          ``-(|a| + f^2)``: twice ``N = sum(|a| + f^2)`` is added back, with
+          ``N <= psi tr(I - Y Z)`` certified by the residual ``||Y^2 - a||_F >= lambda_max(Y^2 - a)``
+          (:func:`_negative_part_bound`): no eigenvalue below ``-m*`` can exist without a residual
+          larger than that.
+
+        So ``||Y - target||_F^2 <= |tr(a) - ||Y||_F^2| + 2 psi tr(I - Y Z) + min(...)``: one
+        product more than the square root (the residual), the rest traces and norms. The
+        shift of :data:`SHIFT_UNITS` rounding units keeps the ~-1e-7 eigenvalues of float32
+        statistics out of the diverging range. The certificate, a difference of two sums of
+        about ``tr(a)``, counts at least ``u`` times them (below that it is rounding, of either
+        sign); otherwise rounding is not bounded separately: the certificate and the residual
+        are measured on the computed ``Y`` and ``Z``, so they include the iterate's rounding.
+        """
+        dim = a.shape[-1]
+        square = y.square().sum()
+        # a difference of two sums of about tr(a) each: below u tr(a) it is rounding, of either sign
+        certificate = (a.diagonal().sum() - square).abs() + torch.finfo(a.dtype).eps * (square + a.diagonal().abs().sum())
+        residual = (_matmul(y, y) - a).norm()
+        unconverged = (dim - (y * z.mT).sum()).clamp_min(0)  # tr(I - Y Z), from the entries
+        negative = _negative_part_bound(residual, schedule) * unconverged
+        constant = _shift_constant(shift, schedule) * shift * shift
+        shift_cost = (z.square().sum() * constant).clamp_max(dim * shift)
+        return certificate + 2 * negative + shift_cost
 
 
 class AutoRefresh(nn.Module):
