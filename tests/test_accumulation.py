@@ -27,6 +27,8 @@ from torch.nn.functional import cosine_similarity
 
 from directpred_plugin import DirectPredHead
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 DIM = 8
 IN = 12
 STEPS = 5

@@ -15,6 +15,8 @@ from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA, gain_over_u
 from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks.data import DigitsData, build_dataset
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

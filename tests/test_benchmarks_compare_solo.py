@@ -23,6 +23,8 @@ from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks import data as bench_data
 from directpred_plugin.benchmarks.data import STL10, DigitsData
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 SOLO_MISSING = (
     "solo-learn not installed: install it from source (git clone "
     "https://github.com/vturrisi/solo-learn), see integrations/solo_learn/README.md"

@@ -14,6 +14,8 @@ from directpred_plugin.benchmarks import cli
 from directpred_plugin.benchmarks import data as bench_data
 from directpred_plugin.benchmarks.data import FASHION_MNIST_FILES, build_dataset, find_fashion_mnist, read_idx
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 INSTALL = "sudo apt-get update && sudo apt-get install dataset-fashion-mnist"
 
 

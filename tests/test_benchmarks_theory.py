@@ -6,6 +6,8 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin.benchmarks import cli, theory
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 # A reduced configuration of the linear model: fewer steps and runs, a 2 x 2 sweep.
 REDUCED = ["--dim", "8", "--steps", "2000", "--runs", "2", "--no-progress"]
 

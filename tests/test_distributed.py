@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 from _helpers import assert_same_state
 from directpred_plugin import DirectPredHead
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 DIM = 6
 STEPS = 7
 NAN_STEP = 4

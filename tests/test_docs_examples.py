@@ -34,6 +34,8 @@ sybil = pytest.importorskip("sybil", reason="the dev extra installs Sybil")
 from sybil import Sybil  # noqa: E402
 from sybil.parsers.markdown import CodeBlockParser  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = sorted(
     [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "integrations").glob("*/README.md")]

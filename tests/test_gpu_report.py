@@ -8,6 +8,8 @@ import torch
 
 from directpred_plugin.benchmarks.cli import main
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

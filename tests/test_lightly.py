@@ -33,6 +33,8 @@ from directpred_plugin.lightly import (
     replace_prediction_heads,
 )
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 TESTS = Path(__file__).resolve().parent
 RECIPES = TESTS.parent / "integrations" / "lightly"
 FLAVOURS = {"pytorch_lightning": pytorch_lightning, "lightning.pytorch": lightning.pytorch}

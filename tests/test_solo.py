@@ -39,6 +39,8 @@ from directpred_plugin.solo import (
 from directpred_plugin.solo.launcher import SCRIPT_ENV, UsageError, main, resolve_script
 from _directpred_solo_autoregister import OPT_OUT_ENV
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 REPO = Path(__file__).resolve().parents[1]
 INTEGRATION = REPO / "integrations" / "solo_learn"
 SOLO_MISSING = (

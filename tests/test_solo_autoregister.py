@@ -18,6 +18,8 @@ import pytest
 
 import _directpred_solo_autoregister as hook
 
+pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
+
 SOLO_MISSING = "solo-learn not installed: install it from source, see integrations/solo_learn/README.md"
 HAS_SOLO = importlib.util.find_spec("solo") is not None
 
