@@ -54,9 +54,9 @@ class DirectPredPredictionHead(DirectPredHead):
     instead of an MLP trained by gradient, and has no parameters for the optimizer (unless
     ``trainable=True``).
 
-    By default the head makes one update per training step, pooled over all the views a
-    step predicts (lightly's BYOL and SimSiam call the head once per view), as the paper
-    and the authors' code do.
+    By default the head makes one update per optimizer step, pooled over all the views (and
+    accumulated batches) the step predicts (lightly's BYOL and SimSiam call the head once per
+    view), as the paper and the authors' code do.
 
     - [0]: Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics
       without contrastive pairs", ICML 2021, https://arxiv.org/abs/2102.06810
