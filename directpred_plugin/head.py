@@ -405,13 +405,17 @@ class DirectPredHead(nn.Module):
             new = getattr(self, name)
             if new is not None and old is not None and new.dtype != old.dtype:
                 setattr(self, name, old.to(device=new.device))
-        device = self.corr.device
-        self._counters = self._counters.to(device)
-        self._pool = Pool(*(tensor.to(device) for tensor in self._pool))
+        # The tensors that are not buffers follow the same function (.to, .cuda, to_empty), dtype kept.
+        def follow(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
+
+        self._counters = follow(self._counters)
+        self._pool = Pool(*(follow(tensor) for tensor in self._pool))
         if self._shift is not None:
-            self._shift = self._shift.to(device)
+            self._shift = follow(self._shift)
         if self._unclaimed is not None:
-            self._unclaimed = Pool(*(tensor.to(device) for tensor in self._unclaimed))
+            self._unclaimed = Pool(*(follow(tensor) for tensor in self._unclaimed))
         self.steps.drop_copies()
         return self
 

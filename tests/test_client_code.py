@@ -384,3 +384,21 @@ def test_leaf_input_does_not_accumulate_backward_hooks():
         hooks = max(len(v0._backward_hooks or {}), len(v1._backward_hooks or {}))
         assert hooks <= 2, f"{hooks} backward hooks on a leaf input after {step + 1} steps"
     assert_counters(head, steps)
+
+
+# ------------------------------------------------------------- 7. however the model is built
+def test_a_model_built_on_the_meta_device_trains_after_to_empty_and_reset():
+    """Large models are built on the meta device and materialised with ``to_empty``; like
+    BatchNorm, the head's state is then uninitialised until ``reset_running_stats()``."""
+    with torch.device("meta"):
+        model = make_model("center")
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.projector.reset_parameters()
+    model.prediction_head.reset_running_stats()
+    head = model.prediction_head
+    assert head.num_updates.device.type == "cpu" and head.corr.dtype == torch.float32
+    optimizer = sgd(model)
+    train(model, optimizer, range(3))
+    assert_counters(head, 3)
+    assert torch.isfinite(head.weight).all() and not torch.equal(head.weight, torch.eye(DIM))
