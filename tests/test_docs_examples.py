@@ -153,8 +153,14 @@ def evaluate_bash(example, tmp_path_factory=None) -> None:
                 _run([sys.executable, "-m", "directpred_plugin.benchmarks.cli", *words[1:], *run[1], *extra], out)
                 ran = True
         elif head == "python" and words[1:3] == ["-m", "pytest"]:
-            for arg in words[3:]:
-                if not arg.startswith("-"):
+            options_with_values = ("-m", "-k", "-p")
+            for previous, arg in zip(words[2:], words[3:]):
+                if previous == "-m":  # a marker expression: its markers must be registered
+                    markers = {word for word in arg.replace("(", " ").replace(")", " ").split()
+                               if word not in ("not", "and", "or")}
+                    registered = (ROOT / "pyproject.toml").read_text()
+                    assert all(f'"{m}:' in registered for m in markers), f"python -m pytest -m {arg!r}: unknown marker"
+                elif not arg.startswith("-") and previous not in options_with_values:
                     assert (ROOT / arg.split("::")[0]).exists(), f"python -m pytest names {arg}, which does not exist"
         elif head == "python" and words[1:3] == ["-m", "mkdocs"]:
             assert words[3] in ("serve", "build") and (ROOT / "mkdocs.yml").is_file()
