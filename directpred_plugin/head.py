@@ -243,7 +243,7 @@ class DirectPredHead(nn.Module):
         rule = RuleOptions(eps=self.eps, alpha=self.alpha, eps_inside=self.eps_inside)
         counters = self._counters
         stats = self.corr
-        level = self.steps.refresh_level(_is_exact(strategy, stats, variant, rule), thorough is not None)
+        level = self.steps.refresh_level(bool(strategy.is_exact(stats, variant, rule)), thorough is not None)
         chosen = {THOROUGH: thorough, EXACT: exact}.get(level, strategy)
         changed = counters[_NUM_UPDATES] > (0 if force else counters[_REFRESHED_AT])
         with torch.no_grad(), autocast_disabled(self.weight.device.type):
@@ -436,10 +436,6 @@ class DirectPredHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, variant={self.variant!r}, rho={self.rho}, eps={self.eps}, freq={self.freq}, "
                 f"trainable={self.trainable}, refresh={self.refresh_strategy!r}")
-
-
-def _is_exact(strategy: Any, stats: Tensor, variant: Any, rule: RuleOptions) -> bool:
-    return bool(strategy.is_exact(stats, variant, rule))
 
 
 def _variant_id(variant: str) -> int:
