@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-CUDA_TEST_FILES = ["tests/test_head.py", "tests/test_matmul_predictors.py", "tests/test_steps.py",
+CUDA_TEST_FILES = ["tests/test_head.py", "tests/test_variants_matmul.py", "tests/test_steps.py",
                    "tests/test_refresh.py", "tests/test_sync.py"]
 
 
@@ -100,8 +100,9 @@ def total_limit(dry_run: bool = False) -> float:
 def checks(device: str, folder: Path, *, dry_run: bool) -> Dict[str, Any]:
     """The in-process checks: no host wait in steady-state steps, and TF32-proof refreshes."""
     from directpred_plugin import VARIANTS
-    from directpred_plugin.refresh import IterativeRefresh
-    from directpred_plugin.rules import RuleOptions, normalise_statistics
+    from directpred_plugin.functional import normalise_statistics
+    from directpred_plugin.refresh import iterative_candidate
+    from directpred_plugin.variants import RuleOptions
 
     from .step import EMA_MOMENTUM, build_model
 
@@ -152,8 +153,8 @@ def checks(device: str, folder: Path, *, dry_run: bool) -> Dict[str, Any]:
                 basis = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64,
                                                     generator=torch.Generator().manual_seed(seed)))[0]
                 stats = ((basis / index) @ basis.T).float().to(dev)  # a power-law spectrum
-                _, usable = IterativeRefresh(dim)(normalise_statistics(stats), VARIANTS["directpred"],
-                                                  RuleOptions(eps=0.01))
+                _, usable = iterative_candidate(normalise_statistics(stats), VARIANTS["directpred"],
+                                                RuleOptions(eps=0.01))
                 ok += int(usable)
             accepted[str(dim)] = f"{ok}/5"
         results["tf32_high_accepted"] = accepted

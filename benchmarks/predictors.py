@@ -1,23 +1,23 @@
-"""The predictors the benchmarks compare: one registry, one factory, one option syntax.
+"""The predictors the benchmarks compare: the closed-form family beside the baselines, one option syntax.
 
 A predictor is named on the command line as ``name`` or ``name:key=value,...``
 (``directpred:eps=0.1,freq=5``); values are Python literals (``0.1``, ``5``, ``True``,
-``None``) or, for string options such as ``refresh=iterative``, a bare word.
-The names are those of the package's registry (:func:`directpred_plugin.create_predictor`):
-registering a predictor there makes it available here.
+``None``) or, for string options such as ``refresh=iterative``, a bare word. The
+closed-form names are those of :data:`directpred_plugin.VARIANTS` (``DirectPredHead(dim,
+variant=name, **options)``); the baselines they are compared with (the method's MLP, a linear
+map trained by gradient, no predictor) are defined here.
 """
 
 from __future__ import annotations
 
 import ast
-import warnings
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
-from directpred_plugin.predictors import PREDICTORS as PACKAGE_PREDICTORS
-from directpred_plugin.predictors import closed_form_options, create_predictor
+from directpred_plugin import VARIANTS, DirectPredHead
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,22 @@ def _weight(module: nn.Module) -> Tensor:
     return module.weight
 
 
-def _build(name: str) -> Callable[..., nn.Module]:
-    def build(dim: int, hidden: int, method: str = "byol", **options: Any) -> nn.Module:
-        if name == "mlp":  # each method uses its own lightly class, as lightly's examples do
-            return create_predictor("simsiam-mlp" if method == "simsiam" else "mlp", dim, hidden_dim=hidden, **options)
-        # closed-form heads pool both views of an iteration into one update (the head's default)
-        return create_predictor(name, dim, hidden_dim=hidden, **options)
+def mlp_predictor(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    """lightly's MLP predictor of ``method``: ``BYOLPredictionHead(dim, hidden or 4 dim, dim)``, or
+    for SimSiam ``SimSiamPredictionHead(dim, hidden or dim / 4, dim)``, as lightly's examples use them."""
+    try:
+        heads = importlib.import_module("lightly.models.modules.heads")
+    except ImportError as err:
+        raise ImportError(f"the MLP baseline needs lightly: pip install -e \".[bench]\" ({err})") from err
+    if method == "simsiam":
+        return heads.SimSiamPredictionHead(dim, hidden or max(dim // 4, 1), dim, **options)
+    return heads.BYOLPredictionHead(dim, hidden or 4 * dim, dim, **options)
+
+
+def _closed_form(name: str) -> Callable[..., nn.Module]:
+    def build(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+        # the head pools both views of an iteration into one update (its default)
+        return DirectPredHead(dim, variant=name, **options)
 
     return build
 
@@ -54,40 +64,34 @@ def _build(name: str) -> Callable[..., nn.Module]:
 def _solo_directpred(name: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     def solo_kwargs(options: Dict[str, Any]) -> Dict[str, Any]:
         # The same name in solo-learn's config, with only the options the spec gives: the
-        # adapter applies the name's defaults as create_predictor does, and pools the views of
-        # a training step ("auto") as _build does here.
-        closed_form_options(name, **options)  # a variant that contradicts the name fails here
-        return {"predictor": name, "directpred": dict(options)}
+        # adapter applies the name's defaults, and pools the views of a step ("auto") as here.
+        if options.get("variant", name) != name:
+            raise ValueError(f"predictor {name!r} is variant {name!r}, got variant={options['variant']!r}")
+        return {"predictor": name, "directpred": {k: v for k, v in options.items() if k != "variant"}}
 
     return solo_kwargs
 
 
-def _solo_mlp(options: Dict[str, Any]) -> Dict[str, Any]:
-    return {"predictor": "mlp"}  # solo-learn's own MLP
+def _linear(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    return nn.Linear(dim, dim, bias=False, **options)
 
 
-def _spec(name: str) -> PredictorSpec:
-    entry = PACKAGE_PREDICTORS[name]
-    if name == "mlp":
-        return PredictorSpec(_build(name), "the method's MLP (Linear-BN-ReLU-Linear), trained by SGD", solo_kwargs=_solo_mlp)
-    if entry.closed_form:
-        return PredictorSpec(_build(name), entry.summary, _weight, _solo_directpred(name))
-    return PredictorSpec(_build(name), entry.summary, _weight if name == "linear" else None)
+def _identity(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    if options:
+        raise ValueError(f"the 'none' predictor takes no options, got {sorted(options)}")
+    return nn.Identity()
 
 
-#: Predictor name -> how the benchmarks build it: a view of the package's one registry
-#: (:data:`directpred_plugin.PREDICTORS`), where ``mlp`` means the method's own MLP.
-#: ``--predictors`` accepts every name here.
+#: Predictor name -> how the benchmarks build it; ``--predictors`` accepts every name here.
 PREDICTOR_SPECS: Dict[str, PredictorSpec] = {
-    name: _spec(name) for name in PACKAGE_PREDICTORS if name != "simsiam-mlp"
+    "mlp": PredictorSpec(mlp_predictor, "the method's MLP (Linear-BN-ReLU-Linear), trained by SGD",
+                         solo_kwargs=lambda options: {"predictor": "mlp"}),  # solo-learn's own MLP
+    **{name: PredictorSpec(_closed_form(name), f"DirectPredHead(variant={name!r}): {variant.summary}", _weight,
+                           _solo_directpred(name))
+       for name, variant in VARIANTS.items()},
+    "linear": PredictorSpec(_linear, "nn.Linear(dim, dim, bias=False), trained by the optimizer", _weight),
+    "none": PredictorSpec(_identity, "nn.Identity(): no predictor (collapses in BYOL/SimSiam)"),
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PREDICTORS":  # the old name, which the package's registry also has
-        warnings.warn("benchmarks.predictors.PREDICTORS is now PREDICTOR_SPECS", DeprecationWarning, stacklevel=2)
-        return PREDICTOR_SPECS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_option_value(key: str, text: str) -> Any:

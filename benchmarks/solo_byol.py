@@ -4,8 +4,8 @@ The model is solo-learn's own ``BYOL`` LightningModule, taken from ``solo.method
 after :func:`directpred_plugin.solo.register`, with a cfg built the way solo-learn's method
 tests build one. The predictor is picked the way a solo-learn user picks it, by
 ``method_kwargs.predictor`` (``mlp``: solo-learn's own MLP; a closed-form name such as
-``directpred`` or ``directpred-hybrid``: the plugin's head, built by the package's
-``create_predictor`` from the same name, the spec's options under
+``directpred`` or ``directpred-hybrid``: the plugin's head, ``DirectPredHead(dim,
+variant=name)``, the spec's options under
 ``method_kwargs.directpred``), from :attr:`~.predictors.PredictorSpec.solo_kwargs`.
 solo-learn's config has no linear or identity predictor, so ``linear`` and ``none`` are
 refused rather than patched in behind solo-learn's back.

@@ -28,26 +28,25 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from directpred_plugin import VARIANTS, DirectPredHead, create_predictor
-from directpred_plugin.predictors import closed_form_predictors
+from directpred_plugin import VARIANTS, DirectPredHead
 
-from .predictors import parse_predictor_spec
+from .predictors import mlp_predictor, parse_predictor_spec
 from .threads import torch_threads
 
 
 def byol_mlp(dim: int) -> nn.Module:
     """BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU (lightly's head)."""
-    return create_predictor("mlp", dim, hidden_dim=4096)
+    return mlp_predictor(dim, 4096)
 
 
 def simsiam_mlp(dim: int) -> nn.Module:
     """SimSiam's bottleneck predictor: dim -> dim/4 -> dim with BatchNorm and ReLU (lightly's head)."""
-    return create_predictor("simsiam-mlp", dim)
+    return mlp_predictor(dim, method="simsiam")
 
 
 def floor_head(dim: int) -> nn.Module:
     """The head's unavoidable cost: statistics, output and backward, no refresh in the run."""
-    return create_predictor("directpred", dim, freq=2**62)
+    return DirectPredHead(dim, freq=2**62)
 
 
 BASELINES: Dict[str, Callable[[int], nn.Module]] = {
@@ -82,13 +81,13 @@ def parse_head_spec(spec: str) -> Tuple[str, Dict[str, object]]:
     """``"directcopy:freq=5"`` -> ``("directcopy", {"freq": 5})``: a closed-form name and its options.
 
     The same ``name:key=value,...`` syntax as ``compare --predictors`` (values are Python
-    literals or bare words), the name one of the package registry's closed-form predictors,
-    built by :func:`directpred_plugin.create_predictor` with that name's defaults.
+    literals or bare words), the name one of :data:`directpred_plugin.VARIANTS`, built as
+    ``DirectPredHead(dim, variant=name, **options)`` with that name's defaults.
     """
     name, options = parse_predictor_spec(spec)
-    if name not in closed_form_predictors():
+    if name not in VARIANTS:
         raise ValueError(f"--predictors {spec!r}: expected {', '.join(BASELINES)} or a closed-form predictor "
-                         f"({', '.join(closed_form_predictors())}) with options, e.g. directpred:eps=0.05,freq=5")
+                         f"({', '.join(VARIANTS)}) with options, e.g. directpred:eps=0.05,freq=5")
     return name, options
 
 
@@ -115,8 +114,8 @@ def _build(name: str, dim: int, device: torch.device) -> nn.Module:
         module = imported(dim, **parse_predictor_spec(name)[1])
     else:
         head_name, options = parse_head_spec(name)
-        # the registry's defaults and calls_per_update: each timed call ends with its own backward
-        module = create_predictor(head_name, dim, **options)
+        # the name's defaults and calls_per_update: each timed call ends with its own backward
+        module = DirectPredHead(dim, variant=head_name, **options)
     return module.to(device).train()
 
 
@@ -273,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048], help="predictor widths")
     parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
                         help="byol-mlp, simsiam-mlp, floor, closed-form predictors name:key=value,... (the names of "
-                             "directpred_plugin.create_predictor, with their defaults) with Python-literal "
+                             "directpred_plugin.VARIANTS, with their defaults) with Python-literal "
                              "values, e.g. 'directpred:eps=0.05,freq=5,refresh=iterative', or any nn.Module class "
                              "by import path, built as Class(dim, **options): 'package.module.Class:key=value'")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per call")

@@ -1,5 +1,5 @@
 """The head's arithmetic as pure functions: the moments of a batch, the EMA fold, the pool's
-sum over ranks, the closed-form weights and the diagnostics of the DirectPred paper.
+sum over ranks, the normalisation every rule reads, and the diagnostics of the DirectPred paper.
 
 Nothing here holds state; :class:`~directpred_plugin.DirectPredHead` owns the tensors these
 functions read and write, as ``torch.nn.BatchNorm`` does for ``F.batch_norm``.
@@ -14,17 +14,47 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum_
-from .rules import VARIANTS, all_finite, largest_magnitude
 
 
-def directpred_weight(corr: Tensor, eps: float) -> Tensor:
-    """DirectPred predictor (Tian, Chen & Ganguli, ICML 2021, Eq. 18) for a correlation ``corr``."""
-    return VARIANTS["directpred"](corr, eps)
+def inverse_or_zero(value: Tensor) -> Tensor:
+    """``1 / value`` where ``value > 0``, else 0: an all-zero estimate maps to ``eps * I``."""
+    return torch.where(value > 0, value.clamp_min(torch.finfo(value.dtype).tiny).reciprocal(), 0.0)
 
 
-def directcopy_weight(corr: Tensor, eps: float) -> Tensor:
-    """DirectCopy predictor (Wang et al., 2021): ``W_p = F / lambda_max(F) + eps * I``."""
-    return VARIANTS["directcopy"](corr, eps)
+def all_finite(*tensors: Tensor) -> Tensor:
+    """``isfinite(t).all()`` over all ``tensors`` (0-dim bool), one reading pass each, no mask
+    (0-dim tensors are their own extremes).
+
+    NaN and +-inf reach a tensor's min or max, and ``v * 0`` is 0 exactly when ``v`` is
+    finite (a difference of the extremes could overflow instead). ``isfinite`` would
+    write and re-read a mask as large as the tensor, several times over.
+    """
+    extremes = [v for t in tensors if t.numel() for v in (torch.aminmax(t) if t.dim() else (t,))]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.stack([v.to(extremes[0].dtype) for v in extremes]).mul_(0).sum() == 0
+
+
+def largest_magnitude(x: Tensor) -> Tensor:
+    """``max |x_ij|`` in one reading pass (no ``abs`` copy)."""
+    low, high = torch.aminmax(x)
+    return torch.maximum(-low, high)
+
+
+def normalise_statistics(stats: Tensor, ridge: float = 0.0) -> Tensor:
+    """``stats / max|stats_ij| + ridge * I``: the matrix every rule reads.
+
+    The largest absolute entry is exact in floating point (no sum, no square that could
+    underflow or overflow) and, for a PSD matrix, lies between ``lambda_max / dim`` and
+    ``lambda_max``. So the normalised matrix has eigenvalues in ``[0, dim]`` whatever the
+    scale of the input, as long as ``stats`` itself is representable.
+    """
+    largest = largest_magnitude(stats)
+    # a true division: a subnormal largest entry has no representable reciprocal
+    normalised = stats / torch.where(largest > 0, largest, torch.ones_like(largest))
+    if ridge:
+        normalised = normalised + ridge * torch.eye(stats.shape[-1], dtype=stats.dtype, device=stats.device)
+    return normalised
 
 
 def collapse_indicator(z: Tensor, largest: Optional[Tensor] = None) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -17,10 +18,10 @@ from . import functional
 from .distributed import initialized, rank, world_size
 from .functional import Pool, empty_pool
 from .options import AUTO, check_head_options
-from .refresh import build_strategies, refresh_weight_
-from .rules import VARIANTS, RuleOptions
+from .refresh import exact_candidate, iterative_candidate, refresh_weight_, thorough_options, uses_iterative
 from .steps import (CHECKPOINT_ERROR, EXACT, THOROUGH, Steps, autocast_disabled, in_reentrant_checkpoint,
                     inside_backward, linear, upstream_parameters)
+from .variants import VARIANTS, RuleOptions
 
 __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
@@ -69,8 +70,9 @@ class DirectPredHead(nn.Module):
     corr: Tensor
     mean: Optional[Tensor]
 
-    def __init__(self, dim: int, *, rho: float = 0.3, eps: float = 0.01, freq: int = 1,
-                 variant: str = "directpred", trainable: bool = False, center: bool = False,
+    def __init__(self, dim: int, *, rho: Optional[float] = None, eps: Optional[float] = None,
+                 freq: Optional[int] = None, variant: str = "directpred", trainable: Optional[bool] = None,
+                 center: bool = False,
                  calls_per_update: CallsPerUpdate = AUTO, stats_dtype: torch.dtype = torch.float32,
                  sync_dist: bool = True, process_group: Optional[Any] = None, refresh: str = "auto",
                  refresh_options: Optional[Dict[str, Any]] = None, alpha: Optional[float] = None,
@@ -97,8 +99,6 @@ class DirectPredHead(nn.Module):
         self.refresh_options: Dict[str, Any] = options["refresh_options"]
         self.ridge: float = options["ridge"]
         self.weight_momentum: float = options["weight_momentum"]
-        # plain objects, not submodules: they hold no tensors and no state
-        self._strategies = build_strategies(self.refresh_strategy, self.dim, self.refresh_options)
         if self.trainable:  # the optimizer's, so it follows the module's dtype
             self.weight = nn.Parameter(torch.eye(self.dim))
         else:
@@ -238,13 +238,17 @@ class DirectPredHead(nn.Module):
             self._unclaimed = None
 
     def _refresh(self, force: bool = False) -> Tensor:
-        strategy, thorough, exact = self._strategies
         variant = VARIANTS[self.variant]
         rule = RuleOptions(eps=self.eps, alpha=self.alpha, eps_inside=self.eps_inside)
         counters = self._counters
         stats = self.corr
-        level = self.steps.refresh_level(bool(strategy.is_exact(stats, variant, rule)), thorough is not None)
-        chosen = {THOROUGH: thorough, EXACT: exact}.get(level, strategy)
+        iterative = uses_iterative(self.refresh_strategy, stats.device, variant, rule)
+        level = self.steps.refresh_level(iterative)
+        if not iterative or level == EXACT:
+            chosen: Any = exact_candidate
+        else:
+            options = thorough_options(self.refresh_options) if level == THOROUGH else self.refresh_options
+            chosen = functools.partial(iterative_candidate, **options)
         changed = counters[_NUM_UPDATES] > (0 if force else counters[_REFRESHED_AT])
         with torch.no_grad(), autocast_disabled(self.weight.device.type):
             return refresh_weight_(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequenc
 from torch import nn
 
 from .head import DirectPredHead
-from .predictors import closed_form_options
+from .variants import VARIANTS
 
 #: How to get the ``lightly`` extra; the package is not on PyPI yet.
 INSTALL_HINT = (
@@ -149,8 +149,8 @@ def replace_prediction_heads(
         head_types: A class, or a sequence of classes, to replace instead of lightly's
             predictors. Giving them means lightly need not be installed.
         predictor: Which closed-form predictor replaces them: a name of
-            :func:`directpred_plugin.create_predictor` (``"directpred"``, ``"directcopy"``,
-            ``"ns"``, ...), with that name's defaults.
+            :data:`directpred_plugin.VARIANTS` (``"directpred"``, ``"directcopy"``, ``"ns"``,
+            ...), with that name's defaults.
         **options: :class:`DirectPredHead` options for every new head, e.g. ``rho=0.5``.
 
     Returns:
@@ -167,7 +167,11 @@ def replace_prediction_heads(
         >>> [(r.name, r.new.dim) for r in replaced]
         [('prediction_head', 256)]
     """
-    options = closed_form_options(predictor, **options)
+    if predictor not in VARIANTS:
+        raise ValueError(f"predictor must be one of {list(VARIANTS)}, got {predictor!r}")
+    if options.get("variant", predictor) != predictor:
+        raise ValueError(f"predictor={predictor!r} names the variant; got variant={options['variant']!r} as well")
+    options = {**options, "variant": predictor}
     if head_types is None:
         types = lightly_prediction_head_types()
     elif isinstance(head_types, type):

@@ -1,4 +1,4 @@
-"""Every option the head, its refresh strategies and the adapters take, validated in one place.
+"""Every option the head, its refresh and the adapters take, validated in one place.
 
 :func:`check_head_options` checks each :class:`~directpred_plugin.DirectPredHead` option on
 its own and against the others (an option that means nothing for the chosen variant is
@@ -14,12 +14,13 @@ from typing import Any, Dict, Mapping, Sequence
 
 import torch
 
-from .rules import VARIANTS, RuleOptions
+from .refresh import ITERATIVE_DEFAULTS, ITERATIVE_POWERS, REFRESH_NAMES
+from .variants import VARIANTS, RuleOptions, variant_defaults
 
 __all__ = [
     "AUTO",
-    "REFRESH_NAMES",
     "check_head_options",
+    "check_refresh_options",
     "iterative_form",
     "check_int",
     "check_real",
@@ -30,10 +31,6 @@ __all__ = [
 #: ``calls_per_update`` value that pools every call of one training step (optimizer step).
 AUTO = "auto"
 STATS_DTYPES = (torch.float32, torch.float64)
-#: ``refresh=`` choices: exact on the CPU and iterative on accelerators, or either everywhere.
-REFRESH_NAMES = ("auto", "exact", "iterative")
-#: Spectral powers the iterative refresh evaluates with matrix products (sqrt and identity).
-ITERATIVE_POWERS = (0.5, 1.0)
 
 
 def check_int(name: str, value: Any, *, minimum: int, also: str = "") -> int:
@@ -72,6 +69,25 @@ def iterative_form(variant: str, options: RuleOptions) -> bool:
     return VARIANTS[variant].power(options) in ITERATIVE_POWERS
 
 
+def check_refresh_options(options: Any) -> Dict[str, Any]:
+    """``refresh_options`` of the iterative refresh, checked by name and range (the defaults not filled in)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"refresh_options must be a dict of keyword options, got {options!r}")
+    unknown = sorted(set(options) - set(ITERATIVE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"refresh_options {unknown} are not options of the iterative refresh; "
+                         f"valid options: {list(ITERATIVE_DEFAULTS)}")
+    checked: Dict[str, Any] = {}
+    for name, value in options.items():
+        if name in ("squarings", "sqrt_steps"):
+            checked[name] = check_int(name, value, minimum=1)
+        else:
+            checked[name] = check_real(name, value, 0.0, 1.0, lower_open=True, upper_open=True)
+    return checked
+
+
 def check_head_options(
     dim: Any,
     *,
@@ -95,9 +111,14 @@ def check_head_options(
     """The options of a head, validated alone and together (ValueError naming what was expected).
 
     Returns them cleaned (Python numbers, ``calls_per_update`` None for ``"auto"``, ``alpha``
-    resolved, ``refresh_options`` a dict), without building anything, so that adapters can
+    resolved, ``refresh_options`` a dict, ``rho``/``eps``/``freq``/``trainable`` given as None
+    filled in from the variant's defaults), without building anything, so that adapters can
     check a configuration before they build a model.
     """
+    variant = check_choice("variant", variant, list(VARIANTS))
+    given = dict(rho=rho, eps=eps, freq=freq, trainable=trainable)
+    rho, eps, freq, trainable = ({**variant_defaults(variant), **{k: v for k, v in given.items() if v is not None}}[k]
+                                 for k in given)
     dim = check_int("dim", dim, minimum=1)
     freq = check_int("freq", freq, minimum=1)
     cpu = None if calls_per_update == AUTO else check_int("calls_per_update", calls_per_update, minimum=1,
@@ -109,23 +130,21 @@ def check_head_options(
     for name, value in (("trainable", trainable), ("center", center), ("sync_dist", sync_dist),
                         ("eps_inside", eps_inside)):
         check_bool(name, value)
-    variant = check_choice("variant", variant, sorted(VARIANTS))
     refresh = check_choice("refresh", refresh, REFRESH_NAMES)
     if stats_dtype not in STATS_DTYPES:
         raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype!r}")
-    if refresh_options is None:
-        refresh_options = {}
-    if not isinstance(refresh_options, Mapping):
-        raise ValueError(f"refresh_options must be a dict of keyword options, got {refresh_options!r}")
+    refresh_options = check_refresh_options(refresh_options)
 
     # Options that mean nothing for this configuration are refused, not silently ignored.
-    if alpha is not None and variant != "directset":
+    takes = VARIANTS[variant].takes
+    if alpha is not None and "alpha" not in takes:
         raise ValueError(f"alpha is DirectSet's power: it needs variant='directset', got variant={variant!r}")
     alpha = 0.5 if alpha is None else check_real("alpha", alpha, 0.0, math.inf, lower_open=True)
-    if eps_inside and variant not in ("directpred", "directset"):
+    if eps_inside and "eps_inside" not in takes:
+        users = [name for name, member in VARIANTS.items() if "eps_inside" in member.takes]
         raise ValueError(
             f"eps_inside places eps inside a spectral power, which variant={variant!r} does not have; "
-            "use it with variant='directpred' or 'directset'"
+            f"use it with variant in {users}"
         )
     if not iterative_form(variant, RuleOptions(eps=eps, alpha=alpha, eps_inside=eps_inside)):
         if refresh == "iterative":

@@ -1,18 +1,19 @@
-"""How a head turns its statistics into ``W_p`` at a refresh.
+"""How a head turns its statistics into ``W_p`` at a refresh: candidates and their use.
 
-A strategy is an ``nn.Module`` built as ``Strategy(dim, **options)`` and called as
-``strategy(stats, variant, options)`` on the scale-normalised statistics
-(:func:`~directpred_plugin.rules.normalise_statistics`). It returns a candidate ``W_p``
-and a 0-dim boolean tensor saying whether the candidate may be used. Strategies are looked
-up by name in :data:`REFRESH_STRATEGIES`:
+A candidate function maps the scale-normalised statistics
+(:func:`~directpred_plugin.functional.normalise_statistics`), a variant and its rule options
+to ``(W_p, usable)``, ``usable`` a 0-dim boolean tensor; ``DirectPredHead(refresh=...)``
+picks one by name:
 
-- :class:`ExactRefresh`: the variant's own rule (an eigendecomposition for spectral rules).
-- :class:`IterativeRefresh`: matrix products only, with a certified error bound.
-- :class:`AutoRefresh`: exact on the CPU, iterative on accelerators (by principle, no timing).
+- ``"exact"``: :func:`exact_candidate`, the variant's own rule (an eigendecomposition for
+  spectral rules);
+- ``"iterative"``: :func:`iterative_candidate`, matrix products only, under a certified error
+  bound (options: :data:`ITERATIVE_DEFAULTS`);
+- ``"auto"``: exact on the CPU, iterative on accelerators (:func:`uses_iterative`).
 
-:func:`refresh_weight_` applies one strategy's candidate to ``W_p`` in place, decided on the
-device; the head picks the strategy for each refresh (after a refused candidate, the
-thorough form, and after a refused thorough one the exact rule).
+:func:`refresh_weight_` applies a candidate to ``W_p`` in place, decided on the device.
+After a refused iterative candidate the head's next refresh computes the thorough one
+(:func:`thorough_options`), and after a refused thorough one the exact rule.
 """
 
 from __future__ import annotations
@@ -20,18 +21,28 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .options import ITERATIVE_POWERS, check_int, check_real
-from .rules import VARIANTS, RuleOptions, Variant, all_finite, inverse_or_zero, normalise_statistics
+from .functional import all_finite, inverse_or_zero, normalise_statistics
+from .variants import RuleOptions, Variant
 
-__all__ = ["ExactRefresh", "IterativeRefresh", "AutoRefresh", "REFRESH_STRATEGIES", "build_strategies",
-           "refresh_weight_", "highest_matmul_precision"]
+__all__ = ["REFRESH_NAMES", "ITERATIVE_DEFAULTS", "exact_candidate", "iterative_candidate", "uses_iterative",
+           "thorough_options", "refresh_weight_", "highest_matmul_precision"]
 
 Candidate = Tuple[Tensor, Tensor]
+
+#: ``refresh=`` choices: exact on the CPU and iterative on accelerators, or either everywhere.
+REFRESH_NAMES = ("auto", "exact", "iterative")
+#: Spectral powers the iterative refresh evaluates with matrix products (sqrt and identity).
+ITERATIVE_POWERS = (0.5, 1.0)
+#: ``refresh_options`` of the iterative refresh and their defaults: the accepted bound on the
+#: relative Frobenius error, the repeated squarings of the ``lambda_max`` bracket (``2^squarings``
+#: isolates the top of the spectrum), the Newton-Schulz steps of DirectPred's square root and the
+#: value ``sqrt(a / U)`` that iteration is tuned to lift from.
+ITERATIVE_DEFAULTS: Mapping[str, float] = {"tol": 1e-2, "squarings": 10, "sqrt_steps": 12, "sqrt_floor": 1e-3}
 
 #: Repeated squarings the thorough form adds (each one halves the log of the bracket's slack).
 THOROUGH_EXTRA_SQUARINGS = 4
@@ -77,32 +88,24 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-class ExactRefresh(nn.Module):
+def exact_candidate(stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
     """The variant's rule evaluated exactly: the reference.
 
     Runs in the statistics' dtype (float32 or float64, never half precision). If the rule
     raises (e.g. the eigendecomposition does not converge) or yields a non-finite weight it
     is retried in float64; if that fails too the candidate is marked unusable. Checking
     convergence reads the result on the host: on an accelerator this waits for the device
-    (so does the eigendecomposition itself); use :class:`IterativeRefresh` to avoid it.
+    (so does the eigendecomposition itself); the iterative candidate avoids it.
     """
-
-    def __init__(self, dim: Optional[int] = None) -> None:
-        super().__init__()
-
-    def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
-        return True
-
-    def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
-        dtypes = [stats.dtype] if stats.dtype == torch.float64 else [stats.dtype, torch.float64]
-        for dtype in dtypes:
-            try:
-                weight = variant.rule(stats.to(dtype), options)
-            except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
-                continue
-            if bool(all_finite(weight)):
-                return weight.to(stats.dtype), torch.ones((), dtype=torch.bool, device=stats.device)
-        return torch.zeros_like(stats), torch.zeros((), dtype=torch.bool, device=stats.device)
+    dtypes = [stats.dtype] if stats.dtype == torch.float64 else [stats.dtype, torch.float64]
+    for dtype in dtypes:
+        try:
+            weight = variant.rule(stats.to(dtype), options)
+        except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
+            continue
+        if bool(all_finite(weight)):
+            return weight.to(stats.dtype), torch.ones((), dtype=torch.bool, device=stats.device)
+    return torch.zeros_like(stats), torch.zeros((), dtype=torch.bool, device=stats.device)
 
 
 #: Lower end of the scaled cubic's plateau: keeps ``g(s) >= 0`` for ``s <= sqrt(3) * 0.6``.
@@ -222,7 +225,9 @@ def _shift_constant(shift: float, schedule: Tuple[Tuple[float, float], ...]) -> 
     return float((cost / (shift * z).square()).max()) * 1.05
 
 
-class IterativeRefresh(nn.Module):
+def iterative_candidate(stats: Tensor, variant: Variant, options: RuleOptions, *, tol: float = 1e-2,
+                        squarings: int = 10, sqrt_steps: int = 12, sqrt_floor: float = 1e-3,
+                        compute_dtype: Optional[torch.dtype] = None) -> Candidate:
     """Matrix products only, accepted only under a certified error bound.
 
     - ``lambda_max`` is bracketed by repeated squaring: with ``B_k`` the normalised
@@ -231,7 +236,7 @@ class IterativeRefresh(nn.Module):
       the Rayleigh quotient of ``B_k``'s largest column is a lower bound ``theta``. Both are
       bounds whatever the spectrum: no start vector can miss the top eigenvector.
     - DirectCopy: ``W_p = A / theta + eps I``; its error is at most ``(U - theta) / theta``
-      (more where ``tr A < 0``, see :meth:`candidate`).
+      (more where ``tr A < 0``, see :func:`iterative_weight`).
     - DirectPred: ``sqrt(A / U + shift I)`` by a coupled Newton-Schulz iteration with per-step
       scaled cubics (:func:`_sqrt_schedule`), which approaches the root from below on every
       eigenvalue in ``[0, 1]``; so there ``a - y^2 >= (sqrt(a) - y)^2`` and the trace
@@ -240,268 +245,203 @@ class IterativeRefresh(nn.Module):
       the iteration diverges and the trace certificate undercounts. The shift of a few
       rounding units keeps those out of the diverging range, its cost is bounded, and the
       residual ``||Y^2 - A'||_F`` certifies that no eigenvalue lies deep enough below 0 to
-      matter (:meth:`square_root_error`). Rescaled by ``sqrt(U / theta)``, plus ``eps I``.
+      matter (:func:`_square_root_error`). Rescaled by ``sqrt(U / theta)``, plus ``eps I``.
 
     The bound on ``||W - W_exact||_F / ||W_exact||_F`` is computed on the device; a
     candidate above ``tol`` (or non-finite) is refused and the head keeps its previous
     ``W_p`` and counts it (``refresh_rejections``); the refresh after the host learns of it
-    computes :meth:`thorough_form`'s candidate, and only if that is refused too the exact
-    rule (:class:`Refresher`). Rules other than DirectSet with power 1/2 or 1 (eps outside)
+    computes the thorough candidate (:func:`thorough_options`), and only if that is refused too the exact
+    rule. Rules other than DirectSet with power 1/2 or 1 (eps outside)
     are evaluated exactly. Nothing is read on the host. The products run in IEEE float32
     (or float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
 
-    Args:
-        dim: Width of the statistics.
-        tol: Accepted bound on the relative Frobenius error.
-        squarings: Repeated squarings for the ``lambda_max`` bracket (``2^squarings`` is the
-            power the top of the spectrum is isolated with).
-        sqrt_steps: Newton-Schulz steps for DirectPred's square root.
-        sqrt_floor: The square-root iteration is tuned to lift ``sqrt(a / U)`` from this value.
+    Options (:data:`ITERATIVE_DEFAULTS`): ``tol`` the accepted bound, ``squarings`` the
+    bracket's repeated squarings, ``sqrt_steps`` and ``sqrt_floor`` the square root's
+    schedule; ``compute_dtype`` float64 for the thorough form (None: the statistics' dtype).
     """
+    power = variant.power(options)
+    if power not in ITERATIVE_POWERS:
+        return exact_candidate(stats, variant, options)
+    dtype = compute_dtype or stats.dtype
+    if dtype == torch.float64 and stats.device.type == "mps":  # no float64 there
+        dtype = stats.dtype
+    with highest_matmul_precision():
+        weight, bound = iterative_weight(stats.to(dtype), power, options.eps, squarings=squarings,
+                                         sqrt_steps=sqrt_steps, sqrt_floor=sqrt_floor)
+    if dtype != stats.dtype:
+        # Rounding to the statistics' dtype moves W by u/2 of ||W|| <= (1 + bound) ||W_exact||.
+        weight = weight.to(stats.dtype)
+        bound = bound + torch.finfo(stats.dtype).eps / 2 * (1 + bound)
+    return weight, all_finite(weight) & (bound <= tol)
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        tol: float = 1e-2,
-        squarings: int = 10,
-        sqrt_steps: int = 12,
-        sqrt_floor: float = 1e-3,
-    ) -> None:
-        super().__init__()
-        dim = check_int("dim", dim, minimum=1)
-        tol = check_real("tol", tol, 0.0, 1.0, lower_open=True, upper_open=True)
-        squarings = check_int("squarings", squarings, minimum=1)
-        sqrt_steps = check_int("sqrt_steps", sqrt_steps, minimum=1)
-        sqrt_floor = check_real("sqrt_floor", sqrt_floor, 0.0, 1.0, lower_open=True, upper_open=True)
-        self.dim = dim
-        self.tol = float(tol)
-        self.squarings = squarings
-        self.sqrt_steps = sqrt_steps
-        self.sqrt_floor = float(sqrt_floor)
-        self.compute_dtype: Optional[torch.dtype] = None  # None: the statistics' dtype
-        self.exact = ExactRefresh(dim)
 
-    def thorough_form(self) -> "IterativeRefresh":
-        """The candidate of the refresh after a refused one: as certain, more accurate, no host read.
+def thorough_options(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """The iterative options of the refresh after a refused one: as certain, more accurate, no host read.
 
-        Computed in float64 (where the device has it; MPS does not), with
-        :data:`THOROUGH_EXTRA_SQUARINGS` more squarings and at least the square-root steps the
-        schedule needs to converge (:func:`_converged_steps`), cast back to the statistics'
-        dtype (the cast's rounding is added to the bound) and accepted under the same ``tol``.
-        The floor stays: a lower one, or steps past convergence, make the certificate worse on
-        rank-deficient statistics (measured in ``tests/test_refresh.py``). Its square-root
-        shift is float64's (:data:`SHIFT_UNITS`), far below the ~-1e-7 eigenvalues that rounding
-        can leave in float32 statistics: where those are deep enough to make the iteration
-        diverge, the residual certifies it, the candidate is refused and the exact rule follows.
-        """
-        form = IterativeRefresh(self.dim, tol=self.tol, squarings=self.squarings + THOROUGH_EXTRA_SQUARINGS,
-                                sqrt_steps=max(self.sqrt_steps, _converged_steps(self.sqrt_floor)),
-                                sqrt_floor=self.sqrt_floor)
-        form.compute_dtype = torch.float64
-        return form
+    Computed in float64 (where the device has it; MPS does not), with
+    :data:`THOROUGH_EXTRA_SQUARINGS` more squarings and at least the square-root steps the
+    schedule needs to converge (:func:`_converged_steps`), cast back to the statistics'
+    dtype (the cast's rounding is added to the bound) and accepted under the same ``tol``.
+    The floor stays: a lower one, or steps past convergence, make the certificate worse on
+    rank-deficient statistics (measured in ``tests/test_refresh.py``). Its square-root
+    shift is float64's (:data:`SHIFT_UNITS`), far below the ~-1e-7 eigenvalues that rounding
+    can leave in float32 statistics: where those are deep enough to make the iteration
+    diverge, the residual certifies it, the candidate is refused and the exact rule follows.
+    """
+    options = {**ITERATIVE_DEFAULTS, **options}
+    return {**options, "squarings": options["squarings"] + THOROUGH_EXTRA_SQUARINGS,
+            "sqrt_steps": max(options["sqrt_steps"], _converged_steps(options["sqrt_floor"])),
+            "compute_dtype": torch.float64}
 
-    def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
-        return variant.power(options) not in ITERATIVE_POWERS
 
-    def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
-        power = variant.power(options)
-        if power not in ITERATIVE_POWERS:
-            return self.exact(stats, variant, options)
-        dtype = self.compute_dtype or stats.dtype
-        if dtype == torch.float64 and stats.device.type == "mps":  # no float64 there
-            dtype = stats.dtype
-        with highest_matmul_precision():
-            weight, bound = self.candidate(stats.to(dtype), power, options.eps)
-        if dtype != stats.dtype:
-            # Rounding to the statistics' dtype moves W by u/2 of ||W|| <= (1 + bound) ||W_exact||.
-            weight = weight.to(stats.dtype)
-            bound = bound + torch.finfo(stats.dtype).eps / 2 * (1 + bound)
-        return weight, all_finite(weight) & (bound <= self.tol)
+def iterative_weight(stats: Tensor, power: float, eps: float, *, squarings: int, sqrt_steps: int,
+                     sqrt_floor: float) -> Tuple[Tensor, Tensor]:
+    """``(W, bound)``: the weight for ``p = (max(s, 0) / max s)^power + eps`` and its error bound.
 
-    def candidate(self, stats: Tensor, power: float, eps: float) -> Tuple[Tensor, Tensor]:
-        """``(W, bound)``: the weight for ``p = (max(s, 0) / max s)^power + eps`` and its error bound.
-
-        ``stats`` may be any symmetric matrix: a float32 estimate of a PSD correlation is
-        slightly indefinite, and the bound holds against the rule with ``max(s, 0)``
-        (DirectCopy's rule keeps ``F``'s negative part, so does its candidate). A candidate
-        whose ``lambda_max`` is not bracketed away from 0 (a ``stats`` whose largest
-        eigenvalue is not its largest in magnitude, or <= 0) is refused unless ``stats`` is 0.
-        """
-        dim = stats.shape[-1]
-        unit = torch.finfo(stats.dtype).eps
-        # the bracket's own rounding: the Rayleigh quotient's dot products (d terms) and the
-        # squarings' logarithms, which a tight bracket (gap ~ 0) does not show
-        rounding = (dim + self.squarings + 4) * unit
-        lower, upper = self.top_eigenvalue_bracket(stats)
-        gap = torch.where(lower > 0, (upper - lower) * inverse_or_zero(lower),
-                          torch.where(upper > 0, math.inf, 0.0))
-        eye = torch.eye(dim, dtype=stats.dtype, device=stats.device)
-        if power == 1.0:
-            # ||W - W_exact|| = ||F / lambda_max|| (lambda_max / lower - 1); ||F / lambda_max + eps I||^2
-            # = ||F / lambda_max||^2 (1 + 2 (t / n) x + d x^2) with t = tr F, n = ||F||, x >= 0, whose
-            # minimum is 1 - (t / n)^2 / d >= 0 when t < 0: the relative error is at most gap / sqrt(that).
-            trace = stats.diagonal().sum().clamp_max(0)
-            norm = stats.norm()
-            floor = 1 - (trace * inverse_or_zero(norm)).square() / dim
-            ratio = torch.where(floor > 0, floor.clamp_min(torch.finfo(stats.dtype).tiny).rsqrt(), math.inf)
-            bound = torch.where(gap > 0, gap * ratio, gap)
-            return stats * inverse_or_zero(lower) + eps * eye, bound + rounding * (1 + bound)
-        shift = SHIFT_UNITS * unit
-        schedule = _sqrt_schedule(self.sqrt_floor, self.sqrt_steps)
-        scaled = stats * inverse_or_zero(upper)
-        shifted = (scaled + shift * eye) / (1 + shift)  # eigenvalues a' in [-1, 1]
-        root, inverse = self.square_root(shifted)
-        root_error = self.square_root_error(shifted, root, inverse, shift / (1 + shift), schedule)
-        # root * rescale = sqrt(max(stats, 0) / lower) + (its error, scaled alike), and
-        # sqrt(max(stats, 0) / lower) is sqrt(lambda_max / lower) - 1 <= sqrt(upper / lower) - 1 of
-        # the rule's sqrt(max(stats, 0) / lambda_max), whose norm is at most ||W_exact||.
-        rescale = torch.sqrt(upper * (1 + shift) * inverse_or_zero(lower))
-        weight = root * rescale + eps * eye
-        # ||W_exact||_F^2 = sum (sqrt(r) + eps)^2 with r = max(s, 0) / lambda_max, the largest r 1
-        # (where lambda_max > 0, else the candidate is refused): >= max(sum r, 1) + 2 eps + d eps^2,
-        # and sum r = tr(max(stats, 0)) / lambda_max >= tr(stats) / upper
-        norm = torch.sqrt(scaled.diagonal().sum().clamp_min(1) + 2 * eps + eps * eps * dim)
-        error = rescale * root_error.sqrt() / norm + (torch.sqrt(1 + gap) - 1)
-        bound = torch.where(upper > 0, error, torch.zeros_like(error))  # zero statistics: eps I, exactly
-        return weight, bound + rounding * (1 + bound)
-
-    def top_eigenvalue_bracket(self, stats: Tensor) -> Tuple[Tensor, Tensor]:
-        """Certified ``(lower, upper)`` bounds on the largest eigenvalue of a symmetric ``stats``.
-
-        ``upper`` bounds the spectral radius, so it bounds ``lambda_max`` too; ``lower`` is a
-        Rayleigh quotient clamped at 0, so it never exceeds ``lambda_max`` where that is > 0.
-        If the eigenvalue of largest magnitude is negative the power singles out its
-        eigenvector, ``lower`` is 0 and the candidate is refused.
-        """
-        tiny = torch.finfo(stats.dtype).tiny
+    ``stats`` may be any symmetric matrix: a float32 estimate of a PSD correlation is
+    slightly indefinite, and the bound holds against the rule with ``max(s, 0)``
+    (DirectCopy's rule keeps ``F``'s negative part, so does its candidate). A candidate
+    whose ``lambda_max`` is not bracketed away from 0 (a ``stats`` whose largest
+    eigenvalue is not its largest in magnitude, or <= 0) is refused unless ``stats`` is 0.
+    """
+    dim = stats.shape[-1]
+    unit = torch.finfo(stats.dtype).eps
+    # the bracket's own rounding: the Rayleigh quotient's dot products (d terms) and the
+    # squarings' logarithms, which a tight bracket (gap ~ 0) does not show
+    rounding = (dim + squarings + 4) * unit
+    lower, upper = top_eigenvalue_bracket(stats, squarings)
+    gap = torch.where(lower > 0, (upper - lower) * inverse_or_zero(lower),
+                      torch.where(upper > 0, math.inf, 0.0))
+    eye = torch.eye(dim, dtype=stats.dtype, device=stats.device)
+    if power == 1.0:
+        # ||W - W_exact|| = ||F / lambda_max|| (lambda_max / lower - 1); ||F / lambda_max + eps I||^2
+        # = ||F / lambda_max||^2 (1 + 2 (t / n) x + d x^2) with t = tr F, n = ||F||, x >= 0, whose
+        # minimum is 1 - (t / n)^2 / d >= 0 when t < 0: the relative error is at most gap / sqrt(that).
+        trace = stats.diagonal().sum().clamp_max(0)
         norm = stats.norm()
-        power = stats * inverse_or_zero(norm)
-        log_upper = torch.log(norm.clamp_min(tiny))
-        for k in range(1, self.squarings + 1):
-            power = _matmul(power, power)
-            factor = power.norm()
-            power = power * inverse_or_zero(factor)
-            log_upper = log_upper + torch.log(factor.clamp_min(tiny)) / 2**k
-        upper = torch.where(norm > 0, torch.exp(log_upper), torch.zeros_like(norm))
-        # the largest column of a high power lies close to the eigenspace of largest |eigenvalue|
-        column = power.index_select(1, power.norm(dim=0).argmax().reshape(1)).squeeze(1)
-        column = column * inverse_or_zero(column.norm())
-        lower = (column @ _matmul(stats, column)).clamp_min(0)
-        return lower, torch.maximum(upper, lower)
+        floor = 1 - (trace * inverse_or_zero(norm)).square() / dim
+        ratio = torch.where(floor > 0, floor.clamp_min(torch.finfo(stats.dtype).tiny).rsqrt(), math.inf)
+        bound = torch.where(gap > 0, gap * ratio, gap)
+        return stats * inverse_or_zero(lower) + eps * eye, bound + rounding * (1 + bound)
+    shift = SHIFT_UNITS * unit
+    schedule = _sqrt_schedule(sqrt_floor, sqrt_steps)
+    scaled = stats * inverse_or_zero(upper)
+    shifted = (scaled + shift * eye) / (1 + shift)  # eigenvalues a' in [-1, 1]
+    root, inverse = _square_root(shifted, schedule)
+    root_error = _square_root_error(shifted, root, inverse, shift / (1 + shift), schedule)
+    # root * rescale = sqrt(max(stats, 0) / lower) + (its error, scaled alike), and
+    # sqrt(max(stats, 0) / lower) is sqrt(lambda_max / lower) - 1 <= sqrt(upper / lower) - 1 of
+    # the rule's sqrt(max(stats, 0) / lambda_max), whose norm is at most ||W_exact||.
+    rescale = torch.sqrt(upper * (1 + shift) * inverse_or_zero(lower))
+    weight = root * rescale + eps * eye
+    # ||W_exact||_F^2 = sum (sqrt(r) + eps)^2 with r = max(s, 0) / lambda_max, the largest r 1
+    # (where lambda_max > 0, else the candidate is refused): >= max(sum r, 1) + 2 eps + d eps^2,
+    # and sum r = tr(max(stats, 0)) / lambda_max >= tr(stats) / upper
+    norm = torch.sqrt(scaled.diagonal().sum().clamp_min(1) + 2 * eps + eps * eps * dim)
+    error = rescale * root_error.sqrt() / norm + (torch.sqrt(1 + gap) - 1)
+    bound = torch.where(upper > 0, error, torch.zeros_like(error))  # zero statistics: eps I, exactly
+    return weight, bound + rounding * (1 + bound)
 
-    def square_root(self, a: Tensor) -> Tuple[Tensor, Tensor]:
-        """Coupled Newton-Schulz ``(Y, Z)``: ``Y -> sqrt(a)``, ``Z -> a^(-1/2)`` (without the last step's factor).
+def top_eigenvalue_bracket(stats: Tensor, squarings: int) -> Tuple[Tensor, Tensor]:
+    """Certified ``(lower, upper)`` bounds on the largest eigenvalue of a symmetric ``stats``.
 
-        On an eigenvalue ``a`` in ``[0, 1]`` the iterate ``y = sqrt(a) s`` has ``s`` in ``[0, 1]``
-        (:func:`_sqrt_schedule`); on ``a < 0`` it diverges (:func:`_negative_part_bound`).
-        """
-        y: Tensor = a
-        z: Optional[Tensor] = None
-        p: Optional[Tensor] = None
-        for c1, c3 in _sqrt_schedule(self.sqrt_floor, self.sqrt_steps):
-            if p is not None:
-                z = p if z is None else _matmul(p, z)
-            t = y if z is None else _matmul(z, y)
-            p = t * (-c3)
-            p.diagonal().add_(c1)
-            y = _matmul(y, p)
-            y = (y + y.mT) / 2  # products of commuting factors, symmetric up to rounding
-        if z is None:
-            z = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        return y, z
-
-    def square_root_error(self, a: Tensor, y: Tensor, z: Tensor, shift: float,
-                          schedule: Tuple[Tuple[float, float], ...]) -> Tensor:
-        """A bound on ``||Y - sqrt(max(a - shift I, 0))||_F^2`` for a symmetric ``a`` with eigenvalues <= 1.
-
-        Per eigenvalue ``a`` of ``a`` (the iterate is ``f(a)``, a polynomial in ``a``), against
-        ``sqrt(max(a - shift, 0))``:
-
-        - ``a >= 0``: ``0 <= f <= sqrt(a)``, so where ``f`` is below the target its squared
-          error is at most ``a - f^2`` (the trace certificate's term, ``>= 0``), and elsewhere
-          at most ``x(a) = (sqrt(a) - sqrt(max(a - shift, 0)))^2``. The ``x`` sum to at most
-          ``min(d shift, C shift^2 ||Z||_F^2)`` (:func:`_shift_constant`).
-        - ``a < 0``: the squared error is ``f^2``, while the certificate's term is
-          ``-(|a| + f^2)``: twice ``N = sum(|a| + f^2)`` is added back, with
-          ``N <= psi tr(I - Y Z)`` certified by the residual ``||Y^2 - a||_F >= lambda_max(Y^2 - a)``
-          (:func:`_negative_part_bound`): no eigenvalue below ``-m*`` can exist without a residual
-          larger than that.
-
-        So ``||Y - target||_F^2 <= |tr(a) - ||Y||_F^2| + 2 psi tr(I - Y Z) + min(...)``: one
-        product more than the square root (the residual), the rest traces and norms. The
-        shift of :data:`SHIFT_UNITS` rounding units keeps the ~-1e-7 eigenvalues of float32
-        statistics out of the diverging range. The certificate, a difference of two sums of
-        about ``tr(a)``, counts at least ``u`` times them (below that it is rounding, of either
-        sign); otherwise rounding is not bounded separately: the certificate and the residual
-        are measured on the computed ``Y`` and ``Z``, so they include the iterate's rounding.
-        """
-        dim = a.shape[-1]
-        square = y.square().sum()
-        # a difference of two sums of about tr(a) each: below u tr(a) it is rounding, of either sign
-        certificate = (a.diagonal().sum() - square).abs() + torch.finfo(a.dtype).eps * (square + a.diagonal().abs().sum())
-        residual = (_matmul(y, y) - a).norm()
-        unconverged = (dim - (y * z.mT).sum()).clamp_min(0)  # tr(I - Y Z), from the entries
-        negative = _negative_part_bound(residual, schedule) * unconverged
-        constant = _shift_constant(shift, schedule) * shift * shift
-        shift_cost = (z.square().sum() * constant).clamp_max(dim * shift)
-        return certificate + 2 * negative + shift_cost
-
-
-class AutoRefresh(nn.Module):
-    """:class:`ExactRefresh` on the CPU, :class:`IterativeRefresh` on accelerators.
-
-    Chosen by principle, not by timing: on a CPU LAPACK's eigendecomposition costs less
-    than the ~40 matrix products of the iterative refresh at every width measured, while on
-    an accelerator the eigendecomposition waits for the device (and is slow) and matrix
-    products are what it does best. So the choice is the same on every run of a machine
-    kind and costs nothing; options go to the iterative strategy.
+    ``upper`` bounds the spectral radius, so it bounds ``lambda_max`` too; ``lower`` is a
+    Rayleigh quotient clamped at 0, so it never exceeds ``lambda_max`` where that is > 0.
+    If the eigenvalue of largest magnitude is negative the power singles out its
+    eigenvector, ``lower`` is 0 and the candidate is refused.
     """
+    tiny = torch.finfo(stats.dtype).tiny
+    norm = stats.norm()
+    power = stats * inverse_or_zero(norm)
+    log_upper = torch.log(norm.clamp_min(tiny))
+    for k in range(1, squarings + 1):
+        power = _matmul(power, power)
+        factor = power.norm()
+        power = power * inverse_or_zero(factor)
+        log_upper = log_upper + torch.log(factor.clamp_min(tiny)) / 2**k
+    upper = torch.where(norm > 0, torch.exp(log_upper), torch.zeros_like(norm))
+    # the largest column of a high power lies close to the eigenspace of largest |eigenvalue|
+    column = power.index_select(1, power.norm(dim=0).argmax().reshape(1)).squeeze(1)
+    column = column * inverse_or_zero(column.norm())
+    lower = (column @ _matmul(stats, column)).clamp_min(0)
+    return lower, torch.maximum(upper, lower)
 
-    def __init__(self, dim: int, **options: Any) -> None:
-        super().__init__()
-        self.iterative = IterativeRefresh(dim, **options)
-        self.exact = self.iterative.exact
+def _square_root(a: Tensor, schedule: Tuple[Tuple[float, float], ...]) -> Tuple[Tensor, Tensor]:
+    """Coupled Newton-Schulz ``(Y, Z)``: ``Y -> sqrt(a)``, ``Z -> a^(-1/2)`` (without the last step's factor).
 
-    def strategy_for(self, device: torch.device) -> Any:
-        return self.exact if device.type == "cpu" else self.iterative
+    On an eigenvalue ``a`` in ``[0, 1]`` the iterate ``y = sqrt(a) s`` has ``s`` in ``[0, 1]``
+    (:func:`_sqrt_schedule`); on ``a < 0`` it diverges (:func:`_negative_part_bound`).
+    """
+    y: Tensor = a
+    z: Optional[Tensor] = None
+    p: Optional[Tensor] = None
+    for c1, c3 in schedule:
+        if p is not None:
+            z = p if z is None else _matmul(p, z)
+        t = y if z is None else _matmul(z, y)
+        p = t * (-c3)
+        p.diagonal().add_(c1)
+        y = _matmul(y, p)
+        y = (y + y.mT) / 2  # products of commuting factors, symmetric up to rounding
+    if z is None:
+        z = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return y, z
 
-    def thorough_form(self) -> IterativeRefresh:
-        """The iterative strategy's (never used on the CPU, where this strategy is exact)."""
-        return self.iterative.thorough_form()
+def _square_root_error(a: Tensor, y: Tensor, z: Tensor, shift: float,
+                      schedule: Tuple[Tuple[float, float], ...]) -> Tensor:
+    """A bound on ``||Y - sqrt(max(a - shift I, 0))||_F^2`` for a symmetric ``a`` with eigenvalues <= 1.
 
-    def is_exact(self, stats: Tensor, variant: Variant, options: RuleOptions) -> bool:
-        return self.strategy_for(stats.device).is_exact(stats, variant, options)
+    Per eigenvalue ``a`` of ``a`` (the iterate is ``f(a)``, a polynomial in ``a``), against
+    ``sqrt(max(a - shift, 0))``:
 
-    def forward(self, stats: Tensor, variant: Variant, options: RuleOptions) -> Candidate:
-        return self.strategy_for(stats.device)(stats, variant, options)
+    - ``a >= 0``: ``0 <= f <= sqrt(a)``, so where ``f`` is below the target its squared
+      error is at most ``a - f^2`` (the trace certificate's term, ``>= 0``), and elsewhere
+      at most ``x(a) = (sqrt(a) - sqrt(max(a - shift, 0)))^2``. The ``x`` sum to at most
+      ``min(d shift, C shift^2 ||Z||_F^2)`` (:func:`_shift_constant`).
+    - ``a < 0``: the squared error is ``f^2``, while the certificate's term is
+      ``-(|a| + f^2)``: twice ``N = sum(|a| + f^2)`` is added back, with
+      ``N <= psi tr(I - Y Z)`` certified by the residual ``||Y^2 - a||_F >= lambda_max(Y^2 - a)``
+      (:func:`_negative_part_bound`): no eigenvalue below ``-m*`` can exist without a residual
+      larger than that.
+
+    So ``||Y - target||_F^2 <= |tr(a) - ||Y||_F^2| + 2 psi tr(I - Y Z) + min(...)``: one
+    product more than the square root (the residual), the rest traces and norms. The
+    shift of :data:`SHIFT_UNITS` rounding units keeps the ~-1e-7 eigenvalues of float32
+    statistics out of the diverging range. The certificate, a difference of two sums of
+    about ``tr(a)``, counts at least ``u`` times them (below that it is rounding, of either
+    sign); otherwise rounding is not bounded separately: the certificate and the residual
+    are measured on the computed ``Y`` and ``Z``, so they include the iterate's rounding.
+    """
+    dim = a.shape[-1]
+    square = y.square().sum()
+    # a difference of two sums of about tr(a) each: below u tr(a) it is rounding, of either sign
+    certificate = (a.diagonal().sum() - square).abs() + torch.finfo(a.dtype).eps * (square + a.diagonal().abs().sum())
+    residual = (_matmul(y, y) - a).norm()
+    unconverged = (dim - (y * z.mT).sum()).clamp_min(0)  # tr(I - Y Z), from the entries
+    negative = _negative_part_bound(residual, schedule) * unconverged
+    constant = _shift_constant(shift, schedule) * shift * shift
+    shift_cost = (z.square().sum() * constant).clamp_max(dim * shift)
+    return certificate + 2 * negative + shift_cost
 
 
-#: Refresh strategies by name; ``DirectPredHead(refresh=...)`` looks them up here.
-REFRESH_STRATEGIES: Dict[str, Type[nn.Module]] = {
-    "exact": ExactRefresh,
-    "iterative": IterativeRefresh,
-    "auto": AutoRefresh,
-}
+def uses_iterative(refresh: str, device: torch.device, variant: Variant, options: RuleOptions) -> bool:
+    """Whether ``refresh`` computes an iterative candidate for this variant on ``device``.
+
+    ``"auto"`` is chosen by principle, not by timing: on a CPU LAPACK's eigendecomposition
+    costs less than the ~40 matrix products of the iterative refresh at every width measured,
+    while on an accelerator the eigendecomposition waits for the device (and is slow) and
+    matrix products are what it does best. Rules other than spectral powers 1/2 and 1 (eps
+    outside) are always exact.
+    """
+    wanted = refresh == "iterative" or (refresh == "auto" and device.type != "cpu")
+    return wanted and variant.power(options) in ITERATIVE_POWERS
 
 
-def build_strategies(refresh: str, dim: int, options: Dict[str, Any]) -> Tuple[Any, Optional[Any], Any]:
-    """``(configured, thorough form or None, exact)`` strategies for ``refresh=`` with ``refresh_options``."""
-    try:
-        strategy = REFRESH_STRATEGIES[refresh](dim, **options)
-    except TypeError as err:
-        raise ValueError(
-            f"refresh_options {sorted(options)} are not all options of refresh={refresh!r}: {err}"
-        ) from None
-    exact = getattr(strategy, "exact", None) or ExactRefresh(dim)
-    thorough_form = getattr(strategy, "thorough_form", None)
-    return strategy, (thorough_form() if thorough_form is not None else None), exact
-
-
-def refresh_weight_(weight: Tensor, stats: Tensor, strategy: Any, variant: Variant, rule: RuleOptions, *,
+def refresh_weight_(weight: Tensor, stats: Tensor, candidate: Callable[..., Candidate], variant: Variant,
+                    rule: RuleOptions, *,
                     changed: Tensor, refreshed_at: Tensor, num_updates: Tensor, refresh_rejections: Tensor,
                     ridge: float = 0.0, weight_momentum: float = 0.0) -> Tensor:
-    """Recompute ``weight`` in place from ``stats`` with ``strategy``; returns whether it was (0-dim bool).
+    """Recompute ``weight`` in place from ``stats`` with ``candidate``; returns whether it was (0-dim bool).
 
     The candidate is used where it is certified (or exact) and ``changed`` (the statistics moved
     since the last refresh that applied); a refused candidate leaves ``weight`` and counts in
@@ -510,14 +450,14 @@ def refresh_weight_(weight: Tensor, stats: Tensor, strategy: Any, variant: Varia
     """
     normalised = normalise_statistics(stats, ridge)
     with highest_matmul_precision():  # the exact rules' products too (U diag U^T)
-        candidate, ok = strategy(normalised, variant, rule)
-    candidate = candidate.to(weight.dtype)
+        new, ok = candidate(normalised, variant, rule)
+    new = new.to(weight.dtype)
     if weight_momentum:
-        none = candidate.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9
+        none = new.new_zeros(())  # in the weight's dtype: 0.9 in float32 is not 0.9
         momentum = torch.where(refreshed_at > 0, none + weight_momentum, none)
-        candidate = momentum * weight + (1 - momentum) * candidate
+        new = momentum * weight + (1 - momentum) * new
     use = ok & changed
-    torch.where(use, candidate, weight, out=weight)  # in place: no dim x dim temporary
+    torch.where(use, new, weight, out=weight)  # in place: no dim x dim temporary
     refreshed_at.copy_(torch.where(use, num_updates, refreshed_at))
     refresh_rejections.add_((changed & ~ok).long())
     return use

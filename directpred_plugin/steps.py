@@ -152,11 +152,14 @@ class Steps:
         return self.steps % self.freq == 0
 
     # ------------------------------------------------------------------ refresh levels
-    def refresh_level(self, strategy_is_exact: bool, has_thorough: bool) -> int:
-        """The level of the refresh about to run (and count it); the next one is normal again."""
+    def refresh_level(self, iterative: bool) -> int:
+        """The level of the refresh about to run (and count it); the next one is normal again.
+
+        Only an iterative refresh climbs: an exact one that was refused has no surer form.
+        """
         level = NORMAL
-        if self.next_level != NORMAL and not strategy_is_exact:
-            if self.next_level == THOROUGH and has_thorough:
+        if self.next_level != NORMAL and iterative:
+            if self.next_level == THOROUGH:
                 level = THOROUGH
                 self.thorough_refreshes += 1
             else:

@@ -78,19 +78,18 @@ def sgd_step(model, optimizer, x0, x1):
 def refuse(monkeypatch, *levels):
     """Make the iterative refresh refuse every candidate of ``levels`` (``"normal"``, ``"thorough"``).
 
-    The candidate is computed as usual; its certified bound is raised above any tolerance
-    (all are below 1), so the refusal is decided on the device like a real one.
+    The candidate is computed as usual and marked unusable on the device, like a real refusal.
     """
-    from directpred_plugin.refresh import IterativeRefresh
+    import directpred_plugin.head as head_module
 
-    candidate = IterativeRefresh.candidate
+    candidate = head_module.iterative_candidate
 
-    def refusing(self, stats, power, eps):
-        weight, bound = candidate(self, stats, power, eps)
-        level = "normal" if self.compute_dtype is None else "thorough"
-        return weight, (bound + 1.0 if level in levels else bound)
+    def refusing(stats, variant, options, **settings):
+        weight, ok = candidate(stats, variant, options, **settings)
+        level = "normal" if settings.get("compute_dtype") is None else "thorough"
+        return weight, (ok & False if level in levels else ok)
 
-    monkeypatch.setattr(IterativeRefresh, "candidate", refusing)
+    monkeypatch.setattr(head_module, "iterative_candidate", refusing)
 
 
 def record_levels(monkeypatch):

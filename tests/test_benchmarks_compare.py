@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
-from directpred_plugin.benchmarks.predictors import PREDICTORS
+from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS as PREDICTORS
 from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA, gain_over_untrained
 from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks.data import DigitsData, build_dataset

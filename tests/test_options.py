@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from directpred_plugin import DirectPredHead
-from directpred_plugin.refresh import IterativeRefresh
+from directpred_plugin.options import check_refresh_options
 
 DIM = 8
 
@@ -55,7 +55,7 @@ def test_each_invalid_option_is_refused_naming_it(kwargs, match):
         (dict(trainable=True), "freq=1 overwrites it"),
         (dict(trainable=True, freq=1, calls_per_update="auto"), "freq=1 overwrites it"),
         (dict(sync_dist=False, process_group=object()), "sync_dist=False sums nothing"),
-        (dict(refresh="iterative", refresh_options={"tolerance": 0.1}), "not all options"),
+        (dict(refresh="iterative", refresh_options={"tolerance": 0.1}), r"\['tolerance'\] are not options of the iterative"),
     ],
 )
 def test_options_that_mean_nothing_for_the_configuration_are_refused(kwargs, match):
@@ -80,8 +80,8 @@ def test_numpy_scalars_are_accepted_wherever_python_numbers_are():
     assert (head.dim, head.freq, head.calls_per_update) == (DIM, 2, 2)
     assert all(type(v) is int for v in (head.dim, head.freq, head.calls_per_update))
     assert type(head.rho) is float and head.rho == 0.5
-    strategy = head._strategies[0]  # the configured one, beside its thorough form and the exact rule
-    assert strategy.tol == pytest.approx(0.05) and strategy.squarings == 8
+    assert head.refresh_options == {"tol": pytest.approx(0.05), "squarings": 8}
+    assert type(head.refresh_options["tol"]) is float and type(head.refresh_options["squarings"]) is int
 
 
 @pytest.mark.parametrize("calls_per_update", [1, 3])
@@ -104,6 +104,6 @@ def test_a_trainable_weight_needs_auto_steps(calls_per_update):
 )
 def test_strategy_options_are_validated_with_consistent_messages(options, match):
     with pytest.raises(ValueError, match=match):
-        IterativeRefresh(DIM, **options)
+        check_refresh_options(options)
     with pytest.raises(ValueError, match=match):
         DirectPredHead(DIM, refresh="iterative", refresh_options=options)

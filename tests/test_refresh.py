@@ -25,10 +25,38 @@ from _spectra import (
     stream_with_statistics,
 )
 from directpred_plugin import VARIANTS, DirectPredHead
-from directpred_plugin.refresh import AutoRefresh, ExactRefresh, IterativeRefresh
-from directpred_plugin.rules import RuleOptions, normalise_statistics
+import directpred_plugin.refresh as refresh
+from directpred_plugin.functional import normalise_statistics
+from directpred_plugin.refresh import ITERATIVE_DEFAULTS, thorough_options, uses_iterative
+from directpred_plugin.variants import RuleOptions
 
-TOL = 1e-2  # IterativeRefresh's default tolerance
+TOL = ITERATIVE_DEFAULTS["tol"]
+
+
+class IterativeRefresh:
+    """The iterative refresh with fixed options, as a head calls it (``refresh_options``)."""
+
+    def __init__(self, dim=None, compute_dtype=None, **options):
+        self.options = {**ITERATIVE_DEFAULTS, **options}
+        self.compute_dtype = compute_dtype
+        for name, value in self.options.items():
+            setattr(self, name, value)
+
+    def settings(self):
+        return {name: getattr(self, name) for name in self.options}  # a test may set an attribute
+
+    def __call__(self, stats, variant, rule):
+        return refresh.iterative_candidate(stats, variant, rule, compute_dtype=self.compute_dtype, **self.settings())
+
+    def thorough_form(self):
+        return IterativeRefresh(**thorough_options(self.settings()))
+
+    def candidate(self, stats, power, eps):
+        settings = {k: v for k, v in self.settings().items() if k != "tol"}
+        return refresh.iterative_weight(stats, power, eps, **settings)
+
+    def top_eigenvalue_bracket(self, stats):
+        return refresh.top_eigenvalue_bracket(stats, self.squarings)
 POWERS = {"directpred": 0.5, "directcopy": 1.0}
 NUMPY_RULES = {"directpred": directpred_matrix, "directcopy": directcopy_matrix}
 
@@ -324,12 +352,14 @@ def test_a_refresh_with_unchanged_statistics_refuses_nothing_so_the_level_return
 
 
 def test_auto_on_an_accelerator_falls_back_through_the_iterative_thorough_form(monkeypatch):
-    monkeypatch.setattr(AutoRefresh, "strategy_for", lambda self, device: self.iterative)  # as on CUDA
+    import directpred_plugin.head as head_module
+
+    uses = refresh.uses_iterative
+    monkeypatch.setattr(head_module, "uses_iterative",  # as on CUDA
+                        lambda name, device, variant, rule: uses(name, torch.device("cuda"), variant, rule))
     refuse(monkeypatch, "normal", "thorough")
     levels = record_levels(monkeypatch)
     head = DirectPredHead(DIM, calls_per_update=1)
-    thorough = head._strategies[1]
-    assert isinstance(thorough, IterativeRefresh) and thorough.compute_dtype == torch.float64
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for z in stream_with_statistics(matrix_with_spectrum("power-law"), 4):
@@ -343,7 +373,7 @@ def test_cpu_default_retries_a_refused_refresh_exactly_as_before_and_never_compu
     def no_iterative(*args, **kwargs):
         raise AssertionError("the CPU default computed an iterative candidate")
 
-    monkeypatch.setattr(IterativeRefresh, "candidate", no_iterative)
+    monkeypatch.setattr(refresh, "iterative_weight", no_iterative)
     eigh = torch.linalg.eigh
     failing = {"left": 0}
 
@@ -378,7 +408,7 @@ def test_thorough_form_is_float64_with_four_more_squarings_and_a_converged_squar
     configured = IterativeRefresh(DIM, tol=0.02, squarings=6, sqrt_steps=5, sqrt_floor=3e-3)
     thorough = configured.thorough_form()
     assert (thorough.tol, thorough.squarings, thorough.sqrt_floor) == (0.02, 10, 3e-3)
-    assert thorough.compute_dtype == torch.float64 and configured.compute_dtype is None
+    assert thorough.compute_dtype == torch.float64 and "compute_dtype" not in configured.options
     assert thorough.sqrt_steps == _converged_steps(3e-3) > 5
     assert _sqrt_schedule(3e-3, thorough.sqrt_steps)[-1] == pytest.approx((1.5, 0.5))  # classical by then
     assert _sqrt_schedule(3e-3, thorough.sqrt_steps - 2)[-1] != pytest.approx((1.5, 0.5))
@@ -474,10 +504,13 @@ def test_zero_statistics_give_eps_identity():
 @pytest.mark.parametrize("variant, options", [("directpred", {}), ("directcopy", {}), ("ns", {}),
                                               ("directset", {"alpha": 0.25})])
 def test_auto_is_exact_on_the_cpu_and_iterative_on_accelerators_without_timing(variant, options):
-    strategy = AutoRefresh(DIM)
-    assert strategy.strategy_for(torch.device("cpu")) is strategy.exact
-    assert isinstance(strategy.strategy_for(torch.device("cuda")), IterativeRefresh)
-    assert isinstance(strategy.strategy_for(torch.device("mps")), IterativeRefresh)
+    rule = RuleOptions(eps=0.01, alpha=options.get("alpha", 0.5))
+    has_form = variant in ("directpred", "directcopy")
+    assert not uses_iterative("auto", torch.device("cpu"), VARIANTS[variant], rule)
+    for device in ("cuda", "mps"):
+        assert uses_iterative("auto", torch.device(device), VARIANTS[variant], rule) == has_form
+        assert not uses_iterative("exact", torch.device(device), VARIANTS[variant], rule)
+    assert uses_iterative("iterative", torch.device("cpu"), VARIANTS[variant], rule) == has_form
     # on the CPU the default head refreshes exactly what refresh="exact" does, bit for bit
     batches = [b.float() for b in stream_with_statistics(matrix_with_spectrum("power-law"), 3)]
     auto = DirectPredHead(DIM, calls_per_update=1, variant=variant, **options)
@@ -489,14 +522,24 @@ def test_auto_is_exact_on_the_cpu_and_iterative_on_accelerators_without_timing(v
 
 
 def test_exact_refresh_takes_no_options():
-    with pytest.raises(TypeError):
-        ExactRefresh(DIM, tol=0.1)
+    with pytest.raises(ValueError, match="refresh='exact' takes no refresh_options"):
+        DirectPredHead(DIM, refresh="exact", refresh_options={"tol": 0.1})
 
 
-def test_valid_strategy_options_are_used():
+def test_valid_strategy_options_are_used(monkeypatch):
+    import directpred_plugin.head as head_module
+
+    seen = []
+    candidate = refresh.iterative_candidate
+
+    def recording(stats, variant, rule, **settings):
+        seen.append(settings)
+        return candidate(stats, variant, rule, **settings)
+
+    monkeypatch.setattr(head_module, "iterative_candidate", recording)
     head = DirectPredHead(DIM, calls_per_update=1, refresh="iterative", refresh_options={"tol": 0.05, "squarings": 6, "sqrt_steps": 9})
-    strategy = head._strategies[0]
-    assert (strategy.tol, strategy.squarings, strategy.sqrt_steps) == (0.05, 6, 9)
+    head(torch.randn(32, DIM))
+    assert seen == [{"tol": 0.05, "squarings": 6, "sqrt_steps": 9}]
 
 
 # ---------------------------------------------------------- the iterative refresh inside a head

@@ -26,7 +26,7 @@ from _helpers import snapshot as snapshot_state
 
 import directpred_plugin.solo as adapter
 from directpred_plugin import DirectPredHead
-from directpred_plugin.predictors import closed_form_options, closed_form_predictors
+from directpred_plugin.variants import VARIANTS
 from directpred_plugin.solo import (
     ISOLOSS_METHODS,
     METHOD_PREDICTORS,
@@ -87,25 +87,25 @@ def test_bad_directpred_options_are_named(options, message):
         directpred_options(options)
 
 
-def test_predictor_choices_are_mlp_and_the_registrys_closed_form_names():
+def test_predictor_choices_are_mlp_and_the_familys_names():
     choices = predictor_choices()
     assert choices.pop("mlp") is None  # solo-learn's own predictor
-    assert list(choices) == closed_form_predictors()
+    assert list(choices) == list(VARIANTS)
     assert {"directpred", "directcopy", "ns", "directpred-hybrid"} <= set(choices)
     for name, defaults in choices.items():
-        assert defaults == closed_form_options(name)
+        assert defaults == {**VARIANTS[name].defaults, "variant": name}
     assert {"byol", "simsiam", "nnbyol", "nnsiam"} <= set(METHOD_PREDICTORS)
 
 
 class _Recorder:
-    """Stands in for the package factory: records what the adapter asks it for, then builds it."""
+    """Stands in for the head's class: records what the adapter asks it for, then builds it."""
 
     def __init__(self, factory):
         self.factory, self.calls = factory, []
 
-    def __call__(self, name, dim, **options):
-        self.calls.append((name, options))
-        return self.factory(name, dim, **options)
+    def __call__(self, dim, variant, **options):
+        self.calls.append((variant, options))
+        return self.factory(dim, variant=variant, **options)
 
 
 @pytest.mark.parametrize("predictor, given, built", [
@@ -113,18 +113,18 @@ class _Recorder:
     ("ns", {"freq": 3}, ("ns", {"freq": 3, "calls_per_update": "auto"})),
     ("directset", {"alpha": 0.25, "stats_dtype": "float64"},
      ("directset", {"alpha": 0.25, "stats_dtype": torch.float64, "calls_per_update": "auto"})),
-    ("directpred-hybrid", {"variant": "directpred", "freq": 3},
+    ("directpred-hybrid", {"variant": "directpred-hybrid", "freq": 3},
      ("directpred-hybrid", {"freq": 3, "calls_per_update": "auto"})),
     # the form configs used before every member was a choice: the member's name and defaults
     ("directpred", {"variant": "ns", "calls_per_update": None}, ("ns", {"calls_per_update": 3})),
 ])
 def test_the_head_gets_only_the_options_the_config_gives(monkeypatch, predictor, given, built):
-    recorder = _Recorder(adapter.create_predictor)
-    monkeypatch.setattr(adapter, "create_predictor", recorder)
+    recorder = _Recorder(adapter.DirectPredHead)
+    monkeypatch.setattr(adapter, "DirectPredHead", recorder)
     head = build_directpred(8, given, calls_per_step=3, predictor=predictor)
     assert recorder.calls[-1] == built
     name, options = built
-    assert head.variant == closed_form_options(name)["variant"]
+    assert head.variant == name
 
 
 def test_a_variant_that_contradicts_the_predictor_name_is_refused():
@@ -400,14 +400,13 @@ def test_register_patches_in_place_once_and_keeps_the_originals(methods):
     assert byol.__dict__["__init__"] is not patched["__init__"].__wrapped__
 
 
-@pytest.mark.parametrize("name", closed_form_predictors())
-def test_a_predictor_name_builds_the_head_create_predictor_builds(methods, name):
-    from directpred_plugin import create_predictor
-    from test_predictors import head_options
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_a_predictor_name_builds_the_head_its_variant_builds(methods, name):
+    from test_variants import head_options
 
     model = methods["byol"](make_cfg("byol", predictor=name))
     assert type(model.predictor) is DirectPredHead
-    assert head_options(model.predictor) == head_options(create_predictor(name, 16))
+    assert head_options(model.predictor) == head_options(DirectPredHead(16, variant=name))
     assert model.predictor.calls_per_update == "auto"
 
 

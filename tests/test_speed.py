@@ -7,7 +7,8 @@ import torch
 
 from directpred_plugin.benchmarks import speed
 from directpred_plugin.benchmarks.cli import main
-from directpred_plugin.refresh import ExactRefresh
+import directpred_plugin.head as head_module
+import directpred_plugin.refresh as refresh
 
 
 def test_speed_reports_cost_and_refresh_error_side_by_side(tmp_path):
@@ -37,13 +38,13 @@ def test_speed_reports_cost_and_refresh_error_side_by_side(tmp_path):
     assert "| max error |" in table and "directcopy:refresh=iterative" in table
 
 
-def _scaled_exact(self, stats, variant, options):
+def _scaled_exact(stats, variant, options):
     """A refresh that is 5% off: the replay must report it."""
-    weight, ok = _EXACT_FORWARD(self, stats, variant, options)
+    weight, ok = _EXACT(stats, variant, options)
     return 1.05 * weight, ok
 
 
-_EXACT_FORWARD = ExactRefresh.forward
+_EXACT = refresh.exact_candidate
 
 
 def test_refresh_errors_replay_measures_each_refresh(monkeypatch):
@@ -52,7 +53,7 @@ def test_refresh_errors_replay_measures_each_refresh(monkeypatch):
     assert len(errors) == 3 and max(errors) <= 1e-2 and fallbacks == 0
     again, _ = speed.refresh_errors("directpred:refresh=iterative", 16, calls, torch.device("cpu"))
     assert again == errors  # a replay sees the same F_hat sequence as the timed run
-    monkeypatch.setattr(ExactRefresh, "forward", _scaled_exact)
+    monkeypatch.setattr(head_module, "exact_candidate", _scaled_exact)
     off, _ = speed.refresh_errors("directpred:freq=3,refresh=exact", 16, calls, torch.device("cpu"))
     assert off == pytest.approx([0.05], rel=1e-3)
 
@@ -74,7 +75,7 @@ def test_speed_options_are_python_literals(tmp_path):
     assert row["predictor"] == "directpred:eps=0.05" and row["ms_per_call"] > 0
     with pytest.raises(ValueError, match="eps='0.05x'"):
         main(["speed", "--predictors", "directpred:eps=0.05x"])
-    with pytest.raises(ValueError, match=r"closed-form predictor \(directpred, directcopy, .*directpred-hybrid\)"):
+    with pytest.raises(ValueError, match=r"closed-form predictor \(directpred, directpred-hybrid, directcopy, .*visser\)"):
         main(["speed", "--predictors", "directpredd"])
 
 

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from _helpers import assert_same_state, call, make_batches, snapshot
 from _reference import ReferenceHead, directpred_matrix
 from directpred_plugin import VARIANTS, DirectPredHead
-from directpred_plugin.rules import normalise_statistics
+from directpred_plugin.functional import normalise_statistics
 from directpred_plugin.functional import Pool, all_reduce_pool, collapse_indicator, empty_pool, fold_, pool_moments_
 
 DIM = 6
@@ -97,7 +97,7 @@ def test_the_first_fold_replaces_the_estimate():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_all_finite_reads_matrices_vectors_and_scalars(bad):
-    from directpred_plugin.rules import all_finite
+    from directpred_plugin.functional import all_finite
 
     finite = (torch.ones(3, 3), torch.zeros(4), torch.tensor(2.0), torch.empty(0))
     assert bool(all_finite(*finite))

@@ -105,7 +105,7 @@ def test_reset_forgets_everything():
     steps.add_call()
     steps.backward_reached()
     steps.close()
-    steps.refresh_level(False, True)
+    steps.refresh_level(True)
     steps.rejection_learned()
     steps.send_counters(torch.tensor([1, 2]))
     steps.receive_counters()
@@ -116,32 +116,24 @@ def test_reset_forgets_everything():
 # ---------------------------------------------------------------- refresh levels
 def test_a_refusal_climbs_to_the_thorough_then_the_exact_level_and_each_refresh_after_is_normal():
     steps = Steps(freq=1, calls_per_update=1)
-    assert steps.refresh_level(False, True) == NORMAL
+    assert steps.refresh_level(True) == NORMAL
     steps.rejection_learned()  # the normal candidate was refused
     assert steps.next_level == THOROUGH
-    assert steps.refresh_level(False, True) == THOROUGH and steps.last_level == THOROUGH
+    assert steps.refresh_level(True) == THOROUGH and steps.last_level == THOROUGH
     steps.rejection_learned()  # the thorough candidate too
-    assert steps.refresh_level(False, True) == EXACT
+    assert steps.refresh_level(True) == EXACT
     steps.rejection_learned()  # even the exact rule failed: stay exact
     assert steps.next_level == EXACT
-    assert steps.refresh_level(False, True) == EXACT
-    assert steps.refresh_level(False, True) == NORMAL  # no refusal learned: normal again
+    assert steps.refresh_level(True) == EXACT
+    assert steps.refresh_level(True) == NORMAL  # no refusal learned: normal again
     assert (steps.thorough_refreshes, steps.exact_refreshes) == (1, 2)
 
 
-def test_without_a_thorough_form_a_refusal_makes_the_next_refresh_exact():
+def test_an_exact_refresh_has_no_level_to_climb():
     steps = Steps(freq=1, calls_per_update=1)
-    steps.refresh_level(False, False)
+    steps.refresh_level(False)
     steps.rejection_learned()
-    assert steps.refresh_level(False, False) == EXACT
-    assert (steps.thorough_refreshes, steps.exact_refreshes) == (0, 1)
-
-
-def test_an_exact_strategy_has_no_level_to_climb():
-    steps = Steps(freq=1, calls_per_update=1)
-    steps.refresh_level(True, True)
-    steps.rejection_learned()
-    assert steps.refresh_level(True, True) == NORMAL  # the strategy already is the exact rule
+    assert steps.refresh_level(False) == NORMAL  # the refresh already is the exact rule
     assert (steps.thorough_refreshes, steps.exact_refreshes) == (0, 0)
     assert steps.next_level == NORMAL
 
@@ -152,7 +144,7 @@ def test_state_round_trips_and_equal_states_save_equal():
     steps.watch([])
     steps.add_call()
     steps.add_call()
-    steps.refresh_level(False, True)
+    steps.refresh_level(True)
     steps.rejection_learned()
     steps.send_counters(torch.tensor([4, 1]))
     state = steps.state()

@@ -9,11 +9,11 @@ predictor of BYOL, SimSiam and every other solo-learn method that has one::
         rho: 0.3
         freq: 1
 
-``predictor`` takes ``mlp`` or any closed-form name of the package's registry
-(:func:`directpred_plugin.create_predictor`: ``directpred``, ``directcopy``, ``ns``,
-``directpred-hybrid``, ...), each with that name's defaults (:func:`predictor_choices`);
-``method_kwargs.directpred`` holds the options the config changes, for every closed-form
-choice. A name builds the same head here as in ``create_predictor`` and the benchmarks.
+``predictor`` takes ``mlp`` or any name of :data:`directpred_plugin.VARIANTS`
+(``directpred``, ``directcopy``, ``ns``, ``directpred-hybrid``, ...), each with that name's
+defaults (:func:`predictor_choices`); ``method_kwargs.directpred`` holds the options the
+config changes, for every closed-form choice. A name builds the same head here as
+``DirectPredHead(dim, variant=name)`` and the benchmarks do.
 
 solo-learn's own command then uses DirectPred, in the main process and in the DDP workers
 Lightning starts::
@@ -51,7 +51,7 @@ import _directpred_solo_autoregister as _hook
 from ..head import DirectPredHead
 from ..options import AUTO
 from ..losses import IsoLoss
-from ..predictors import closed_form_options, closed_form_predictors, create_predictor
+from ..variants import VARIANTS
 
 __all__ = [
     "ISOLOSS_METHODS",
@@ -105,16 +105,16 @@ DIRECTPRED_OPTIONS: Tuple[str, ...] = (
 
 
 def predictor_choices() -> Dict[str, Optional[Dict[str, Any]]]:
-    """The values ``method_kwargs.predictor`` accepts, from the package's predictor registry.
-
-    ``mlp`` (None: the method's own predictor) and every closed-form name of
-    :data:`directpred_plugin.PREDICTORS`, with the :class:`DirectPredHead` options that name
-    stands for (:func:`directpred_plugin.predictors.closed_form_options`). Read at each call,
-    so a predictor registered later is a choice too.
-    """
+    """The values ``method_kwargs.predictor`` accepts: ``mlp`` (None: the method's own predictor)
+    and every name of :data:`directpred_plugin.VARIANTS`, with the options that name stands for."""
     choices: Dict[str, Optional[Dict[str, Any]]] = {MLP: None}
-    choices.update((name, closed_form_options(name)) for name in closed_form_predictors())
+    choices.update((name, _name_options(name)) for name in VARIANTS)
     return choices
+
+
+def _name_options(name: str, **options: Any) -> Dict[str, Any]:
+    """The options a closed-form name stands for, under ``options``, with its variant."""
+    return {**VARIANTS[name].defaults, **options, "variant": name}
 
 
 def _registry_name(predictor: str, options: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
@@ -124,11 +124,14 @@ def _registry_name(predictor: str, options: Mapping[str, Any]) -> Tuple[str, Dic
         variant = options["variant"]
         # `predictor: directpred` with `variant: ns` names the member as `predictor: ns` does,
         # with that member's defaults (configs written before every member was a choice).
-        if predictor == "directpred" and isinstance(variant, str) and variant in closed_form_predictors():
+        if predictor == "directpred" and isinstance(variant, str) and variant in VARIANTS:
             predictor = variant
             del options["variant"]
-        elif variant == closed_form_options(predictor)["variant"]:
-            del options["variant"]  # the name says it; any other value is refused by the factory
+        elif variant == predictor:
+            del options["variant"]  # the name says it
+        else:
+            raise ValueError(f"predictor {predictor!r} is variant {predictor!r}, got variant={variant!r}; "
+                             f"name the member instead (one of {list(VARIANTS)})")
     return predictor, options
 
 
@@ -138,7 +141,7 @@ def _create(predictor: str, dim: int, options: Mapping[str, Any], calls_per_step
         kwargs["stats_dtype"] = _STATS_DTYPES[kwargs["stats_dtype"]]
     if kwargs.get("calls_per_update", AUTO) is None:
         kwargs["calls_per_update"] = calls_per_step
-    return create_predictor(name, dim, **kwargs)
+    return DirectPredHead(dim, variant=name, **kwargs)
 
 
 def directpred_options(options: Optional[Mapping[str, Any]] = None, predictor: str = "directpred") -> Dict[str, Any]:
@@ -150,7 +153,7 @@ def directpred_options(options: Optional[Mapping[str, Any]] = None, predictor: s
     defaults, and an option that means nothing for the variant is refused, not passed.
     Raises ``ValueError`` naming the option and what was expected.
     """
-    closed_form = closed_form_predictors()
+    closed_form = list(VARIANTS)
     if predictor not in closed_form:
         raise ValueError(f"method_kwargs.predictor {predictor!r} takes no method_kwargs.directpred options; "
                          f"closed-form predictors: {closed_form}")
@@ -176,14 +179,14 @@ def directpred_options(options: Optional[Mapping[str, Any]] = None, predictor: s
 def resolved_options(predictor: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     """The registry's defaults for ``predictor`` under the options given: what the head gets."""
     name, kwargs = _registry_name(predictor, options)
-    return closed_form_options(name, **kwargs)
+    return _name_options(name, **kwargs)
 
 
 def build_directpred(dim: int, options: Mapping[str, Any], calls_per_step: int,
                      predictor: str = "directpred") -> DirectPredHead:
     """The head ``method_kwargs.predictor: <predictor>`` puts in a solo-learn predictor slot.
 
-    Built by :func:`directpred_plugin.create_predictor` from ``options`` (validated by
+    Built as ``DirectPredHead(dim, variant=predictor, ...)`` from ``options`` (validated by
     :func:`directpred_options`). Unless ``calls_per_update`` is set, the head pools the
     calls between two optimizer steps: all views and micro-batches of a step are predicted
     with the same ``W_p``, the EMA takes one step from their pooled correlation and ``freq``
@@ -571,7 +574,7 @@ def _check_loss_cfg(method: str, choice: Optional[str], kwargs: Any) -> None:
     if choice is None:
         raise ValueError(
             "method_kwargs.loss: isoloss needs a closed-form predictor: set method_kwargs.predictor: "
-            f"directpred (or another of {closed_form_predictors()})"
+            f"directpred (or another of {list(VARIANTS)})"
         )
     options = OmegaConf.to_container(kwargs.directpred, resolve=True)
     if resolved_options(choice, cast(Dict[str, Any], options)).get("trainable", False):

@@ -90,13 +90,14 @@ def _head_options() -> Dict[str, Any]:
 def _head_accepts() -> Dict[str, List[str]]:
     import torch
 
-    from directpred_plugin import REFRESH_STRATEGIES, VARIANTS, DirectPredHead
+    from directpred_plugin import VARIANTS, DirectPredHead
+    from directpred_plugin.refresh import REFRESH_NAMES
 
     dtypes = _accepted([torch.float16, torch.bfloat16, torch.float32, torch.float64],
                        lambda dtype: DirectPredHead(1, stats_dtype=dtype))
     return {
         "variant": [_python(v) for v in VARIANTS],
-        "refresh": [_python(v) for v in REFRESH_STRATEGIES],
+        "refresh": [_python(v) for v in REFRESH_NAMES],
         "stats_dtype": [_python(v) for v in dtypes],
     }
 
@@ -119,11 +120,12 @@ def _solo_options() -> Dict[str, Any]:
 
 
 def _solo_accepts() -> Dict[str, List[str]]:
-    from directpred_plugin import REFRESH_STRATEGIES, VARIANTS, solo
+    from directpred_plugin import VARIANTS, solo
+    from directpred_plugin.refresh import REFRESH_NAMES
 
     dtypes = _accepted(["float16", "bfloat16", "float32", "float64"],
                        lambda dtype: solo.directpred_options({"stats_dtype": dtype}))
-    return {"variant": list(VARIANTS), "refresh": list(REFRESH_STRATEGIES), "stats_dtype": dtypes}
+    return {"variant": list(VARIANTS), "refresh": list(REFRESH_NAMES), "stats_dtype": dtypes}
 
 
 #: ``<!-- options: NAME -->`` -> where the table's options come from.

@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import _reference as ref
-from directpred_plugin.matmul_predictors import (
-    MATMUL_PREDICTORS,
+from directpred_plugin.variants import (
     neumann_predictor,
     newton_schulz_fourth_root,
     newton_schulz_sqrt,
     stiefel_predictor,
     visser_sqrt,
 )
+
+MATMUL_PREDICTORS = {"ns": newton_schulz_sqrt, "ns2": newton_schulz_fourth_root, "stiefel": stiefel_predictor,
+                     "visser": visser_sqrt}
 
 REFERENCES = {"ns": ref.ns_sqrt, "ns2": ref.ns_fourth_root, "stiefel": ref.stiefel, "visser": ref.visser}
 

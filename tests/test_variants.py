@@ -1,4 +1,4 @@
-"""The closed-form family inside the head, and the one factory for predictors by name."""
+"""The closed-form family inside the head: each name's rule and the options it stands for."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from _reference import directcopy_matrix, directpred_matrix, directset_matrix, normalised, ns_fourth_root, ns_sqrt, stiefel, visser
-from directpred_plugin import PREDICTORS, VARIANTS, DirectPredHead, create_predictor
+from directpred_plugin import VARIANTS, DirectPredHead
 from directpred_plugin.functional import eigenspace_alignment
-from directpred_plugin.predictors import closed_form_predictors
+from directpred_plugin.variants import variant_defaults
 
 DIM = 10
 
@@ -22,6 +22,7 @@ def _batches(n=4, batch=64, seed=0):
 # Independent NumPy re-statements of each member on the normalised statistics (eps = 0 in the head).
 PURE_RULES = {
     "directpred": lambda m: directpred_matrix(m, 0.0),
+    "directpred-hybrid": lambda m: directpred_matrix(m, 0.0),
     "directcopy": lambda m: directcopy_matrix(m, 0.0),
     "directset": lambda m: directset_matrix(m, 0.0, 0.25),
     "ns": ns_sqrt,
@@ -39,7 +40,8 @@ def test_every_variant_has_an_independent_reference():
 @pytest.mark.parametrize("ridge", [0.0, 0.05])
 def test_head_weight_is_the_members_pure_rule_on_normalised_statistics(variant, ridge):
     alpha = {"alpha": 0.25} if variant == "directset" else {}  # the other members refuse it
-    head = DirectPredHead(DIM, variant=variant, eps=0.0, ridge=ridge, rho=0.3,
+    # freq=1, not trainable: each call a step of its own (the hybrid's schedule is tested elsewhere)
+    head = DirectPredHead(DIM, variant=variant, eps=0.0, ridge=ridge, rho=0.3, freq=1, trainable=False,
                           stats_dtype=torch.float64, refresh="exact", **alpha)
     corr = None
     for z in _batches():
@@ -54,7 +56,8 @@ def test_head_weight_is_the_members_pure_rule_on_normalised_statistics(variant, 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_weight_is_invariant_to_the_scale_of_the_input(variant):
-    heads = [DirectPredHead(DIM, variant=variant, stats_dtype=torch.float64, refresh="exact") for _ in range(2)]
+    heads = [DirectPredHead(DIM, variant=variant, freq=1, trainable=False, stats_dtype=torch.float64, refresh="exact")
+             for _ in range(2)]
     for z in _batches(3):
         heads[0](z)  # inputs without grad: a step each
         heads[1](z * 1e6)
@@ -96,35 +99,45 @@ def test_family_options_are_checked(name, options, message):
         DirectPredHead(DIM, **{name: options})
 
 
-def test_factory_builds_every_registered_name():
-    for name in PREDICTORS:
-        module = create_predictor(name, DIM, hidden_dim=16)
+def test_every_benchmark_name_builds_a_predictor_and_the_closed_form_ones_are_heads():
+    pytest.importorskip("lightly")
+    from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS, build_predictor
+
+    assert set(VARIANTS) <= set(PREDICTOR_SPECS)
+    for name in PREDICTOR_SPECS:
+        module = build_predictor(name, DIM, 16)
         out = module.train()(torch.randn(8, DIM, requires_grad=True))
         assert out.shape == (8, DIM), name
-        assert isinstance(module, DirectPredHead) == (name in closed_form_predictors()), name
-    assert set(VARIANTS) <= set(closed_form_predictors())
-
-
-def test_factory_defaults_and_overrides():
-    assert create_predictor("directpred", DIM).eps == 0.01
-    ns = create_predictor("ns", DIM)
-    assert (ns.variant, ns.rho, ns.eps) == ("ns", 0.0, 0.0)  # per-batch statistics, pure rule
-    assert create_predictor("ns", DIM, rho=0.5).rho == 0.5
-    hybrid = create_predictor("directpred-hybrid", DIM)
-    assert hybrid.trainable and hybrid.freq == 5
-    assert isinstance(create_predictor("linear", DIM), nn.Linear)
-    assert create_predictor("mlp", DIM).__class__.__name__ == "BYOLPredictionHead"
-    with pytest.raises(ValueError, match="registered predictors"):
-        create_predictor("bogus", DIM)
+        assert isinstance(module, DirectPredHead) == (name in VARIANTS), name
+    assert build_predictor("mlp", DIM, 16).__class__.__name__ == "BYOLPredictionHead"
+    assert build_predictor("mlp", DIM, 16, method="simsiam").__class__.__name__ == "SimSiamPredictionHead"
+    assert isinstance(build_predictor("linear", DIM, 16), nn.Linear)
+    with pytest.raises(ValueError, match="unknown predictor"):
+        build_predictor("bogus", DIM, 16)
     with pytest.raises(ValueError, match="no options"):
-        create_predictor("none", DIM, eps=0.1)
+        build_predictor("none", DIM, 16, eps=0.1)
 
 
-def test_adapters_take_their_closed_form_defaults_from_the_factory():
+def test_a_name_stands_for_its_defaults_and_given_options_win():
+    head = DirectPredHead(DIM)
+    assert (head.rho, head.eps, head.freq, head.trainable) == (0.3, 0.01, 1, False)
+    ns = DirectPredHead(DIM, variant="ns")
+    assert (ns.variant, ns.rho, ns.eps) == ("ns", 0.0, 0.0)  # per-step statistics, pure rule
+    assert DirectPredHead(DIM, variant="ns", rho=0.5).rho == 0.5
+    assert DirectPredHead(DIM, variant="ns", eps=0.02).eps == 0.02
+    hybrid = DirectPredHead(DIM, variant="directpred-hybrid")
+    assert hybrid.trainable and hybrid.freq == 5 and isinstance(hybrid.weight, nn.Parameter)
+    assert variant_defaults("directpred-hybrid") == {"rho": 0.3, "eps": 0.01, "freq": 5, "trainable": True}
+    with pytest.raises(ValueError, match="variant must be one of"):
+        DirectPredHead(DIM, variant="bogus")
+    with pytest.raises(ValueError, match="freq=1 overwrites it"):  # the name's trainable with a given freq
+        DirectPredHead(DIM, variant="directpred-hybrid", freq=1)
+
+
+def test_adapters_take_the_names_defaults():
     from lightly.models.modules import BYOLPredictionHead
 
     from directpred_plugin.lightly import replace_prediction_heads
-    from directpred_plugin.predictors import closed_form_options
     from directpred_plugin.solo import build_directpred
 
     (replaced,) = replace_prediction_heads(nn.Sequential(BYOLPredictionHead(DIM, 16, DIM)), predictor="ns", ridge=0.1)
@@ -132,19 +145,22 @@ def test_adapters_take_their_closed_form_defaults_from_the_factory():
     solo = build_directpred(DIM, {"variant": "ns", "weight_momentum": 0.5}, calls_per_step=1)
     assert (solo.variant, solo.rho, solo.eps, solo.weight_momentum) == ("ns", 0.0, 0.0, 0.5)
     assert build_directpred(DIM, {}, calls_per_step=1).rho == 0.3
-    assert closed_form_options("directpred-hybrid") == {"freq": 5, "trainable": True, "variant": "directpred"}
-    with pytest.raises(ValueError, match="not a closed-form predictor"):
-        closed_form_options("mlp")
 
 
 def test_a_name_fixes_its_variant():
-    from directpred_plugin.predictors import closed_form_options
+    pytest.importorskip("lightly")
+    from lightly.models.modules import BYOLPredictionHead
+
+    from directpred_plugin.lightly import replace_prediction_heads
+    from directpred_plugin.solo import build_directpred
 
     # the name's own variant may be repeated; another would be that variant with this name's defaults
-    assert create_predictor("ns", DIM, variant="ns").variant == "ns"
-    for build in (lambda: create_predictor("ns", DIM, variant="directpred"),
-                  lambda: closed_form_options("directpred-hybrid", variant="directcopy")):
-        with pytest.raises(ValueError, match=r"is variant '\w+', got variant='\w+'; name the member instead"):
+    assert build_directpred(DIM, {"variant": "ns"}, calls_per_step=1, predictor="ns").variant == "ns"
+    model = nn.Sequential(BYOLPredictionHead(DIM, 16, DIM))
+    for build in (lambda: replace_prediction_heads(model, predictor="ns", variant="directpred"),
+                  lambda: build_directpred(DIM, {"variant": "directcopy"}, calls_per_step=1,
+                                           predictor="directpred-hybrid")):
+        with pytest.raises(ValueError, match=r"variant='\w+'"):
             build()
 
 
@@ -170,7 +186,7 @@ def builders():
     from directpred_plugin.solo import build_directpred
 
     return {
-        "create_predictor": (lambda name: create_predictor(name, DIM), "auto"),
+        "head": (lambda name: DirectPredHead(DIM, variant=name), "auto"),
         "compare": (lambda name: bench.build_predictor(name, DIM, 16), "auto"),
         "speed": (lambda name: speed._build(name, DIM, torch.device("cpu")), "auto"),
         # the adapter's option resolution, as for `method_kwargs.predictor: <name>` without options
@@ -178,14 +194,12 @@ def builders():
     }
 
 
-@pytest.mark.parametrize("name", closed_form_predictors())
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_a_closed_form_name_builds_the_same_head_through_every_entry_point(name):
-    from directpred_plugin.predictors import closed_form_options
-
     heads = {where: build(name) for where, (build, _) in builders().items()}
-    reference = head_options(heads["create_predictor"])
-    expected = closed_form_options(name)
-    assert all(reference[key] == value for key, value in expected.items())  # the registry's defaults
+    reference = head_options(heads["head"])
+    expected = variant_defaults(name)
+    assert all(reference[key] == value for key, value in expected.items())  # the name's defaults
     for where, head in heads.items():
         assert type(head) is DirectPredHead, where
         assert head_options(head) == reference, where
