@@ -27,7 +27,7 @@ __all__ = ["DirectPredHead", "CallsPerUpdate"]
 
 CallsPerUpdate = Union[int, str]
 #: The layout of the tensor a head saves as its extra state (``state_dict()[prefix + "_extra_state"]``).
-_FORMAT = 5
+_FORMAT = 6
 _HEADER = 4  # format, dim, variant, center
 _NUM_UPDATES, _NUM_SKIPPED, _REFRESHED_AT, _REFRESH_REJECTIONS = range(4)
 #: Key prefixes of the development formats before this one (owners' submodules, flat counters and pools).

@@ -77,8 +77,6 @@ class Steps:
         """Training calls pooled since the last close."""
         self.steps = 0
         """Closed pools: folded, skipped or empty."""
-        self.backward_seen = False
-        """A backward pass reached one of the open pool's calls."""
         self.next_level = self.last_level = NORMAL
         self.exact_refreshes = self.thorough_refreshes = 0
         self.known = [0, 0]
@@ -114,7 +112,6 @@ class Steps:
         """A backward pass reached a call of the open pool; True if that ends the step (nothing is watched)."""
         if not self.auto or not self.calls:
             return False
-        self.backward_seen = True
         return not self._watched
 
     def waits_for_update(self) -> bool:
@@ -146,7 +143,6 @@ class Steps:
         its own beside it. True if this step is due a refresh."""
         if empties_pool:
             self.calls = 0
-            self.backward_seen = False
             self._watched = None
         self.steps += 1
         return self.steps % self.freq == 0
@@ -292,8 +288,7 @@ class Steps:
         return None if self._in_flight is None else list(self._in_flight)
 
     # ------------------------------------------------------------------ saved state
-    _SAVED = ("calls", "steps", "backward_seen", "next_level", "last_level", "exact_refreshes",
-              "thorough_refreshes")
+    _SAVED = ("calls", "steps", "next_level", "last_level", "exact_refreshes", "thorough_refreshes")
     STATE_SIZE = len(_SAVED) + 5
 
     def state(self) -> List[int]:
@@ -303,11 +298,11 @@ class Steps:
                 + ([0, 0, 0] if in_flight is None else [1, *in_flight]))
 
     def load_state(self, values: List[int]) -> None:
-        calls, steps, backward_seen, next_level, last_level, exact, thorough, *rest = (int(v) for v in values)
+        calls, steps, next_level, last_level, exact, thorough, *rest = (int(v) for v in values)
         if not {next_level, last_level} <= set(_AFTER_REFUSAL):
             raise ValueError(f"unknown refresh levels {(next_level, last_level)} in a DirectPredHead checkpoint")
         self.reset()
-        self.calls, self.steps, self.backward_seen = calls, steps, bool(backward_seen)
+        self.calls, self.steps = calls, steps
         self.next_level, self.last_level, self.exact_refreshes, self.thorough_refreshes = (
             next_level, last_level, exact, thorough)
         self.known = rest[:2]

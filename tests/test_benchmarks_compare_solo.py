@@ -36,8 +36,8 @@ TRAIN, TEST = 256, 128  # digits kept for the runs: 2 steps of 128 per epoch
 # ---------------------------------------------------------------- without solo-learn
 def test_solo_refuses_the_predictors_its_config_cannot_express():
     with pytest.raises(ValueError, match=r"--framework solo cannot build predictor\(s\) \['linear', 'none'\]; "
-                                         r"it supports \['directpred', 'directcopy', 'directset', 'ns', 'ns2', "
-                                         r"'stiefel', 'visser', 'directpred-hybrid', 'mlp'\]"):
+                                         r"it supports \['mlp', 'directpred', 'directpred-hybrid', 'directcopy', "
+                                         r"'directset', 'ns', 'ns2', 'stiefel', 'visser'\]"):
         compare.compare(compare.CompareConfig(framework="solo", predictors=["mlp", "linear", "none"]))
 
 

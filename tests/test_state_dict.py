@@ -192,12 +192,23 @@ def test_a_checkpoint_of_an_earlier_development_format_is_refused_naming_it(name
     assert_same_state(before, snapshot(head))
 
 
+def test_a_tensor_state_of_another_format_number_is_refused_naming_both():
+    head = DirectPredHead(DIM)
+    state = head.state_dict()
+    earlier = state["_extra_state"].clone()
+    earlier[0] = 5  # the format with a flag for a backward pass seen, one number longer
+    before = snapshot(head)
+    with pytest.raises(RuntimeError, match="saved in format 5, this DirectPredHead reads format 6"):
+        head.load_state_dict({**state, "_extra_state": earlier})
+    assert_same_state(before, snapshot(head))
+
+
 def test_unknown_refresh_levels_in_a_checkpoint_are_refused():
     head = DirectPredHead(DIM, refresh="iterative")
     call(head, make_batches(1)[0]).sum().backward()
     state = head.state_dict()
     saved = state["_extra_state"].clone()
-    saved[4 + 3] = 7  # the header's four numbers, then calls, steps, backward_seen, next_level
+    saved[4 + 2] = 7  # the header's four numbers, then calls, steps, next_level
     state["_extra_state"] = saved
     with pytest.raises(ValueError, match="unknown refresh levels"):
         DirectPredHead(DIM, refresh="iterative").load_state_dict(state)
@@ -227,7 +238,7 @@ def test_state_dict_holds_the_statistics_and_one_tensor_of_counters_and_schedule
     assert all(isinstance(value, torch.Tensor) for value in state.values())
     assert torch.equal(state["corr"], head.corr) and torch.equal(state["weight"], head.weight)
     assert state["_extra_state"].dtype == torch.float64 and state["_extra_state"].device.type == "cpu"
-    assert state._metadata[""]["version"] == 5
+    assert state._metadata[""]["version"] == 6
     call(head, make_batches(1, seed=3)[0])  # a call without its backward pass: the pool is open and saved
     open_pool = head.state_dict()["_extra_state"]
     assert open_pool.numel() == state["_extra_state"].numel() + 1 + DIM + DIM * DIM  # rows, total, outer

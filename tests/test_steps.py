@@ -42,7 +42,7 @@ def test_integer_pools_close_after_that_many_calls_and_refresh_every_freq_steps(
 def test_integer_pools_are_not_closed_by_a_backward_pass_nor_ended_by_an_optimizer_step():
     steps = Steps(freq=1, calls_per_update=2)
     steps.add_call()
-    assert not steps.backward_reached() and steps.calls == 1 and not steps.backward_seen
+    assert not steps.backward_reached() and steps.calls == 1
     assert not steps.waits_for_update() and not steps.pool_ended(stepped=set())
 
 
@@ -65,7 +65,7 @@ def test_an_auto_pool_with_watched_parameters_waits_for_their_update():
     steps.add_call()
     assert steps.waits_for_update()  # from the first call on: a loss may never reach the head's output
     assert not steps.backward_reached()  # the backward pass alone does not end it
-    assert steps.backward_seen and steps.waits_for_update()
+    assert steps.waits_for_update()
     assert not steps.pool_ended()  # gradient accumulation: more backward passes may come
     assert not steps.pool_ended(stepped={id(other)})  # another optimizer's step
     assert steps.pool_ended(stepped={id(other), id(parameter)})  # torch's optimizer hook (fused: no version bump)
@@ -73,7 +73,7 @@ def test_an_auto_pool_with_watched_parameters_waits_for_their_update():
         parameter.sub_(0.5)  # an update other than torch.optim's, seen at the next call
     assert steps.pool_ended()
     steps.close()
-    assert not steps.backward_seen and not steps.waits_for_update() and not steps.watching()
+    assert not steps.waits_for_update() and not steps.watching()
 
 
 def test_a_trainable_weight_is_ended_by_its_own_optimizer_only():
@@ -96,7 +96,7 @@ def test_a_batch_folded_beside_the_open_pool_is_a_step_that_keeps_the_pool():
     steps.backward_reached()
     assert steps.close(empties_pool=False)
     assert steps.calls == 1 and steps.steps == 1
-    assert steps.backward_seen and steps.watching() and steps.waits_for_update()
+    assert steps.watching() and steps.waits_for_update()
 
 
 def test_reset_forgets_everything():
@@ -167,7 +167,7 @@ def test_a_loaded_auto_pool_learns_its_watched_parameters_again():
     steps.backward_reached()
     loaded = Steps(freq=1, calls_per_update=None)
     loaded.load_state(steps.state())
-    assert loaded.backward_seen and loaded.calls == 1
+    assert loaded.calls == 1
     assert not loaded.watching()  # parameters are not saved: the next call watches them again
     assert not loaded.waits_for_update() and not loaded.pool_ended(stepped=set())
 
@@ -523,7 +523,7 @@ def test_with_parameters_upstream_the_optimizer_step_ends_the_step():
     for step in range(1, 3):
         for micro in range(3):  # gradient accumulation: three backward passes, one step
             head(embed(torch.randn(16, 12, generator=gen))).sum().backward()
-            assert head.steps.calls == micro + 1 and head.steps.backward_seen
+            assert head.steps.calls == micro + 1
             assert head.steps.steps == step - 1 and int(head.num_updates) == step - 1
         weight = head.weight.clone()
         optimizer.step()  # torch's optimizer post-hook ends the step now, not at the next call
