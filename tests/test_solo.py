@@ -75,7 +75,7 @@ def test_directpred_options_are_the_given_ones_and_the_head_applies_the_defaults
         ({"rho": 1.5}, r"method_kwargs.directpred: rho must be a number in \[0, 1\)"),
         ({"freq": 0}, r"method_kwargs.directpred: freq must be an integer >= 1"),
         ({"variant": "mlp"}, r"method_kwargs.directpred: predictor 'directpred' is variant 'directpred', got "
-                             r"variant='mlp'; name the member instead \(one of \['directpred', 'directcopy'"),
+                             r"variant='mlp'; name the member instead \(one of \['directpred', 'directpred-hybrid'"),
         ({"trainable": "yes"}, r"method_kwargs.directpred: trainable must be True or False"),
         ({"refresh_options": 3}, r"method_kwargs.directpred: refresh_options must be a dict"),
         ({"stats_dtype": "float16"}, r"stats_dtype must be one of \['float32', 'float64'\]"),
@@ -97,15 +97,15 @@ def test_predictor_choices_are_mlp_and_the_familys_names():
     assert {"byol", "simsiam", "nnbyol", "nnsiam"} <= set(METHOD_PREDICTORS)
 
 
-class _Recorder:
-    """Stands in for the head's class: records what the adapter asks it for, then builds it."""
+def _recording_head(calls):
+    """The head's class, recording what the adapter asks it for."""
 
-    def __init__(self, factory):
-        self.factory, self.calls = factory, []
+    class Recording(DirectPredHead):
+        def __init__(self, dim, variant, **options):
+            calls.append((variant, options))
+            super().__init__(dim, variant=variant, **options)
 
-    def __call__(self, dim, variant, **options):
-        self.calls.append((variant, options))
-        return self.factory(dim, variant=variant, **options)
+    return Recording
 
 
 @pytest.mark.parametrize("predictor, given, built", [
@@ -119,10 +119,10 @@ class _Recorder:
     ("directpred", {"variant": "ns", "calls_per_update": None}, ("ns", {"calls_per_update": 3})),
 ])
 def test_the_head_gets_only_the_options_the_config_gives(monkeypatch, predictor, given, built):
-    recorder = _Recorder(adapter.DirectPredHead)
-    monkeypatch.setattr(adapter, "DirectPredHead", recorder)
+    calls = []
+    monkeypatch.setattr(adapter, "DirectPredHead", _recording_head(calls))
     head = build_directpred(8, given, calls_per_step=3, predictor=predictor)
-    assert recorder.calls[-1] == built
+    assert calls[-1] == built
     name, options = built
     assert head.variant == name
 
