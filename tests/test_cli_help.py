@@ -197,3 +197,10 @@ def test_the_command_line_states_the_codes_values():
         assert bench.GPU_REPORT_PARTS == tuple(part.name for part in gpu_report.plan(Path("out"), dry_run))
     for command in bench.COMMANDS.values():
         assert callable(importlib.import_module(command.module).run)
+
+
+def test_speed_runs_on_as_many_threads_as_compare_by_default(monkeypatch):
+    options = {name: _option_help(command) for name, command in _subparsers(monkeypatch).items()}
+    speed, compare = options["speed"]["threads"], options["compare"]["threads"]
+    assert speed[0].default == compare[0].default == 1
+    assert "0 keeps PyTorch's default" in speed[1] and "(default: 1)" in speed[1]
