@@ -1,30 +1,7 @@
 """Side-by-side BYOL or SimSiam training with each predictor: accuracy, collapse, alignment, cost.
 
-Every run trains the same model and changes only the predictor: BYOL (online backbone +
-projector + predictor, EMA target, symmetrised negative cosine) or, with ``--method
-simsiam``, SimSiam (no target network, stop-gradient on the projections). Defaults run
-offline on a laptop CPU: scikit-learn's handwritten digits, a small CNN, 6 predictors x 3
-seeds. ``--dataset fashion-mnist`` is the offline benchmark that tells the predictors apart;
-``--dataset cifar10|stl10`` with ``--device cuda`` scales the same comparison up.
-
-Predictors are named ``name`` or ``name:key=value,...`` (``directpred:eps=0.1``), so an
-option sweep is a list of specs: ``--predictors directpred:eps=0 directpred:eps=0.1``.
-
-Independent runs (predictor x seed, and the untrained baseline per seed) go to ``--jobs``
-worker processes of ``--threads`` threads each; a run depends only on its predictor and
-seed, so the numbers are those of a serial run. The run folder (``--out``, default
-``runs/compare-<time>``) is named at the start and rewritten after every finished run:
-``results.json`` (configuration, machine, command, every run with its training curves,
-per-predictor summary), ``results.csv`` (one row per run), ``results.md`` (mean +- std over
-seeds); ``accuracy.png`` and ``curves.png`` when all runs are done (or interrupted).
-``--probe-epochs`` also probes along training: each run's ``probes`` (epoch, kNN and linear
-top-1, the final probes as the last point), early and final numbers in ``results.md`` and
-accuracy vs epoch in ``probes.png``.
-
-The models are assembled from lightly's building blocks as lightly's examples do
-(``methods.py``); ``--framework solo`` builds solo-learn's BYOL instead, the predictor
-chosen by its config key ``method_kwargs.predictor`` (``solo_byol.py``), trained in the
-same loop (``training.py``).
+What it measures and how is the command's description, ``directpred-bench compare --help``
+(``_directpred_bench.COMPARE_DESCRIPTION``, written there so that ``--help`` needs no torch).
 """
 
 from __future__ import annotations
@@ -45,13 +22,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .config import CompareConfig
-from .frameworks import FRAMEWORKS
-from .predictors import PREDICTOR_SPECS, parse_predictor_spec, predictor_spec
-from .report import SCHEMA, machine_description, markdown_table, summarize, write_outputs
+from .predictors import parse_predictor_spec, predictor_spec
+from .report import SCHEMA, machine_description, summarize, terminal_summary, write_outputs
 from .cli import progress_bar
 from .training import Job, load_data, run_job
 
-__all__ = ["CompareConfig", "SCHEMA", "compare", "add_arguments", "run"]
+__all__ = ["CompareConfig", "SCHEMA", "compare", "config_from_args", "run"]
 
 
 #: Options that change how a study runs but not its numbers: a resumed study may change them.
@@ -194,83 +170,6 @@ def _quiet(cfg: CompareConfig) -> CompareConfig:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits",
-                        help="digits (offline, bundled with scikit-learn), fashion-mnist (offline, from its IDX "
-                             "files: `apt-get install dataset-fashion-mnist` or a torchvision download), cifar10 "
-                             "or stl10")
-    parser.add_argument("--data-dir", default="data",
-                        help="where the dataset lives: torchvision's root folder (cifar10/stl10; fashion-mnist: "
-                             "the IDX files or torchvision's FashionMNIST/raw under it; when absent, "
-                             "fashion-mnist falls back to the Debian package's folder)")
-    parser.add_argument("--download", action="store_true", help="download cifar10/stl10 if missing")
-    parser.add_argument("--method", default="byol", choices=["byol", "simsiam"],
-                        help="byol: EMA target network; simsiam: no target, stop-gradient (lightly only)")
-    parser.add_argument("--framework", default="lightly", choices=sorted(FRAMEWORKS),
-                        help="which SSL framework builds the model (solo: solo-learn's BYOL, installed from "
-                             "source, see integrations/solo_learn/README.md)")
-    parser.add_argument("--predictors", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
-                        help=f"any of {', '.join(PREDICTOR_SPECS)}, each optionally with options, e.g. "
-                             f"directpred:eps=0.1,freq=5 (default: {', '.join(FRAMEWORKS['lightly'].default_predictors)}; "
-                             f"--framework solo: {', '.join(FRAMEWORKS['solo'].default_predictors)})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                        help="one run per predictor and seed; a seed fixes initialisation, batch order and views")
-    parser.add_argument("--backbone", default=None,
-                        help="small-cnn, fashion-cnn, resnet18 (CIFAR stem), resnet18-imagenet-stem or "
-                             "timm:<model> (default per dataset: small-cnn / fashion-cnn / resnet18 / "
-                             "resnet18-imagenet-stem); --framework solo: resnet18 (default) or "
-                             "resnet18-imagenet-stem, solo-learn's own")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
-                        help="default per dataset: digits 60, fashion-mnist 4, cifar10 200, stl10 100")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="default per dataset: 128 / 128 / 256 / 256")
-    parser.add_argument("--proj-dim", type=_positive_int, default=None,
-                        help="projection width d (default 64 / 128 / 256 / 256)")
-    parser.add_argument("--hidden-dim", type=_positive_int, default=None,
-                        help="hidden width of the projector and of BYOL's MLP predictor (default 256 / 512 / 4096 "
-                             "/ 4096); SimSiam's MLP predictor has hidden width d/4")
-    parser.add_argument("--subset", type=_positive_int, default=None,
-                        help="train on (and fit the probes to) the first N training images (default: all)")
-    parser.add_argument("--test-subset", type=_positive_int, default=None,
-                        help="score the probes on the first N test images (default: all)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="SGD learning rate for batch 256, scaled linearly with the batch size "
-                             "(default per dataset: fashion-mnist 0.3, others 0.06)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    parser.add_argument("--ema-start", type=float, default=None,
-                        help="BYOL's target EMA momentum at step 0, cosine-scheduled to 1 "
-                             "(default per dataset: fashion-mnist 0.9, others 0.99)")
-    parser.add_argument("--knn-k", type=_positive_int, default=20, help="neighbours of the kNN probe")
-    parser.add_argument("--probe-epochs", nargs="+", type=_positive_int, default=None, metavar="EPOCH",
-                        help="also run the kNN probe after these epochs (e.g. 1 2 4 8), recorded per run with the "
-                             "final probes as the last point and drawn in probes.png (default: the probes after the "
-                             "last epoch only; each point costs an embedding of the training and test images)")
-    parser.add_argument("--probe-linear", action="store_true",
-                        help="fit the linear probe at --probe-epochs too (slower on large training sets)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers (cifar10/stl10; default min(8, CPUs))")
-    parser.add_argument("--jobs", type=_positive_int, default=min(os.cpu_count() or 1, 4),
-                        help="runs trained at once, each in its own process (the numbers equal a serial run's); "
-                             "default: the CPU count, at most 4. Use 1 on a GPU")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run; 0 keeps PyTorch's default (1: the default models are too "
-                             "small to gain from more, and next to other busy processes OpenMP's spinning "
-                             "threads made 2-thread steps 3-35x slower on a 2-core machine)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/compare-<time>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run folder --out: keep its finished runs (same options; --jobs and "
-                             "--threads may differ) and train the others")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     return CompareConfig(
         dataset=args.dataset, method=args.method, predictors=args.predictors and list(args.predictors),
@@ -292,6 +191,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out: the run folder to continue")
     results = compare(cfg, out, command, resume=args.resume)
-    print(markdown_table(results))
-    print(f"Wrote {out}/results.json, results.csv, results.md, {pictures}")
+    print(terminal_summary(results))
+    written = ["results.md", "results.json", "results.csv"] + [name for name in pictures.split(", ")
+                                                              if (out / name).is_file()]
+    print(f"Wrote {out}/: {', '.join(written)}")
     return results

@@ -1,21 +1,7 @@
 """Everything a GPU session should run, in one command and one folder.
 
-Run from a checkout (the CUDA tests are the repository's ``tests/``):
-
-1. the CUDA-parametrised tests (``pytest -k cuda``), among them the steady-state check
-   under ``torch.cuda.set_sync_debug_mode("error")`` and the CPU sync counter;
-2. checks: a ResNet-18 BYOL step with the default head under
-   ``set_sync_debug_mode("error")`` after warm-up (no host wait may happen), and the
-   iterative refresh's acceptance under ``torch.set_float32_matmul_precision("high")`` on
-   SSL-like spectra at the widths of BYOL and SimSiam;
-3. ``directpred-bench speed`` (per-call cost of the head) and ``directpred-bench step``
-   (whole training step; ResNet-18 eager and compiled, ResNet-50 eager, bf16 autocast).
-
-Each part runs with its own time limit, as its own process where it can, and whatever
-finished is written to ``--out`` with ``report.md`` (device, torch version, the command,
-each part's status and time). The limits add up to 7 min 50 s (:func:`total_limit`). ``--dry-run``
-runs the same plan on the CPU with tiny sizes (the test suite does, so the plan cannot
-rot); no CUDA-only part runs then, and the report says so.
+What it measures and how is the command's description, ``directpred-bench gpu-report --help``
+(``_directpred_bench.GPU_REPORT_DESCRIPTION``, written there so that ``--help`` needs no torch).
 """
 
 from __future__ import annotations
@@ -215,14 +201,6 @@ def write_report(out: Path, env: Dict[str, Any], command: str, parts: List[Part]
     payload = {"command": command, "environment": env,
                "parts": [{k: v for k, v in asdict(p).items() if k not in ("command", "check")} for p in parts]}
     (out / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("gpu-report"), help="folder for everything")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="the same plan on the CPU with tiny sizes, without the CUDA-only parts")
-    parser.add_argument("--only", nargs="+", default=None, metavar="PART",
-                        help="run only these parts: tests, checks, speed, step-resnet18, step-resnet50 (default: all)")
 
 
 def run(args: argparse.Namespace) -> List[Part]:

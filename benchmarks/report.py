@@ -168,6 +168,31 @@ def markdown_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def terminal_summary(results: Dict[str, Any]) -> str:
+    """A few lines for the terminal: kNN and linear top-1 per predictor and the best of each;
+    ``results.md`` has every column and its explanation."""
+    rows = [(row["predictor"], _fmt(row["knn_top1_mean"], row["knn_top1_std"], 100),
+             _fmt(row["linear_top1_mean"], row["linear_top1_std"], 100)) for row in results["summary"]]
+    if results["untrained"]:
+        rows.append(("untrained backbone", _fmt(*_spread([b["knn_top1"] for b in results["untrained"]]), 100),
+                     _fmt(*_spread([b["linear_top1"] for b in results["untrained"]]), 100)))
+    rows.insert(0, ("predictor", "kNN", "linear"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    seeds = results["config"]["seeds"]
+    lines = [f"Top-1 (%) on the test images, mean ± std over seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(map(str, seeds))} (every column in results.md):"]
+    lines += [f"  {name:<{widths[0]}}  {knn:>{widths[1]}}  {linear:>{widths[2]}}" for name, knn, linear in rows]
+    best = []
+    for key, label in (("knn_top1", "kNN"), ("linear_top1", "linear")):
+        scored = [row for row in results["summary"] if row[f"{key}_mean"] is not None]
+        if scored:
+            top = max(scored, key=lambda row: row[f"{key}_mean"])
+            best.append(f"{label} {top['predictor']} ({100 * top[f'{key}_mean']:.1f}%)")
+    if best:
+        lines.append("Best: " + ", ".join(best))
+    return "\n".join(lines)
+
+
 def _spread(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
     values = [v for v in values if v is not None]
     if not values:

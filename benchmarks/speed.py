@@ -1,17 +1,7 @@
 """Per-training-call cost of the DirectPred head next to the MLP predictors it replaces.
 
-One "call" is what a training step does with a predictor: forward on a ``(batch, dim)``
-input that requires grad, then backward of a scalar loss (for the MLP this includes its
-parameter gradients; for the head it includes the statistics update and the refresh,
-amortised over ``freq``). All configurations are timed in one process, interleaved round
-by round, so the ratios compare like with like.
-
-Head specs name the refresh strategy, e.g. ``directpred:freq=5,refresh=iterative``;
-``floor`` is a head that never refreshes within the run (statistics, output and backward
-only). For every head that is not ``refresh=exact`` the same calls are replayed untimed
-and each refresh's ``W_p`` is compared with the exact rule (float64 eigendecomposition)
-for the same ``F_hat``: the ``max error`` column is the largest relative Frobenius error
-over the run, ``fallbacks`` counts refreshes handed to the exact rule by the self-check.
+What it measures and how is the command's description, ``directpred-bench speed --help``
+(``_directpred_bench.SPEED_DESCRIPTION``, written there so that ``--help`` needs no torch).
 """
 
 from __future__ import annotations
@@ -19,10 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -227,7 +217,8 @@ def measure(
                     row.max_error = max(found) if found else None
             rows.append(row)
         if progress:
-            bar.write(format_table([r for r in rows if r.dim == dim]))
+            # beside the bar, on stderr: stdout gets the whole table once, at the end (run)
+            bar.write(format_table([r for r in rows if r.dim == dim]), file=sys.stderr)
     bar.close()
     return rows
 
@@ -253,39 +244,6 @@ def format_table(rows: Sequence[SpeedRow]) -> str:
     return "\n".join(lines)
 
 
-DEFAULT_PREDICTORS = [
-    "byol-mlp",
-    "simsiam-mlp",
-    "floor",
-    "directpred:refresh=exact",
-    "directpred:freq=5,refresh=exact",
-    "directpred:freq=10,refresh=exact",
-    "directpred:freq=5,refresh=iterative",
-    "directcopy:refresh=exact",
-    "directcopy:refresh=iterative",
-    "directcopy:freq=5,refresh=iterative",
-    "directcopy:freq=10,refresh=iterative",
-]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512, 1024, 2048], help="predictor widths")
-    parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
-                        help="byol-mlp, simsiam-mlp, floor, closed-form predictors name:key=value,... (the names of "
-                             "directpred_plugin.VARIANTS, with their defaults) with Python-literal "
-                             "values, e.g. 'directpred:eps=0.05,freq=5,refresh=iterative', or any nn.Module class "
-                             "by import path, built as Class(dim, **options): 'package.module.Class:key=value'")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per call")
-    parser.add_argument("--calls", type=int, default=100, help="timed calls per configuration")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-errors", dest="errors", action="store_false",
-                        help="skip the untimed replay that measures each refresh against the exact rule")
-    parser.add_argument("--out", type=Path, default=None, help="folder for speed.json and speed.md (default: none, the table is only printed)")
-
-
 def run(args: argparse.Namespace) -> List[SpeedRow]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
@@ -295,8 +253,10 @@ def run(args: argparse.Namespace) -> List[SpeedRow]:
     with torch_threads(args.threads):
         rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,
                        rounds=args.rounds, device=args.device, errors=args.errors, progress=not args.no_progress)
+    table = format_table(rows)
+    print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speed.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-        (args.out / "speed.md").write_text(format_table(rows) + "\n")
+        (args.out / "speed.md").write_text(table + "\n")
     return rows

@@ -1,17 +1,7 @@
 """Whole training step of BYOL and SimSiam with each predictor: what a user's step costs.
 
-One step is what a training loop does per batch: forward of both views through backbone,
-projector and predictor (and, for BYOL, the EMA target's forward), the symmetric negative
-cosine loss, backward, the optimizer (SGD with momentum) and BYOL's EMA update of the
-target. The models are the ``compare`` benchmark's lightly methods (BYOL: projection 256,
-MLP predictor 256-4096-256; SimSiam: projection 2048, bottleneck predictor 2048-512-2048)
-with the predictor swapped; DirectPred and DirectCopy pool the two views of a step
-(``calls_per_update="auto"``). Every configuration is built up front and timed round-robin
-(a block of steps each, round after round) in one process, so all see the same machine
-state; the median over rounds of each block's mean step time is reported with its ratio to
-the MLP of the same backbone, method and mode. On CUDA, ``peak MiB`` is the largest
-allocation above what was resident when a block started (activations, gradients,
-temporaries), under bf16 autocast unless ``--amp none``.
+What it measures and how is the command's description, ``directpred-bench step --help``
+(``_directpred_bench.STEP_DESCRIPTION``, written there so that ``--help`` needs no torch).
 """
 
 from __future__ import annotations
@@ -23,7 +13,6 @@ import platform
 import shlex
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -266,35 +255,6 @@ def profile_step(backbone: str, method: str, predictor: str, *, batch: int, devi
         _sync(dev)
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     return str(prof.key_averages().table(sort_by=sort, row_limit=top))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbones", nargs="+", choices=sorted(STEP_BACKBONES), default=None,
-                        help="default: resnet18-cifar, and resnet50 (224x224) on CUDA")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["byol", "simsiam"], help="methods")
-    parser.add_argument("--predictors", nargs="+", default=DEFAULT_PREDICTORS, metavar="SPEC",
-                        help="the compare benchmark's predictor specs, name[:key=value,...]; mlp is the reference")
-    parser.add_argument("--compile", action="store_true", help="also time each configuration under torch.compile")
-    parser.add_argument("--amp", choices=["bf16", "none"], default=None,
-                        help="autocast dtype (default: bf16 on CUDA, none on the CPU)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per view")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--steps", type=int, default=5,
-                        help="timed steps per configuration and round; a multiple of every freq, so that each "
-                             "block holds the same number of refreshes")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first, interleaved like the timed ones")
-    parser.add_argument("--byol-dim", type=int, default=None, help="projection width (default: BYOL's 256)")
-    parser.add_argument("--simsiam-dim", type=int, default=None, help="projection width (default: SimSiam's 2048)")
-    parser.add_argument("--hidden", type=int, default=None,
-                        help="projector (and BYOL MLP predictor) hidden width (default: 4096 BYOL, 2048 SimSiam)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps PyTorch's default")
-    parser.add_argument("--profile", metavar="METHOD:PREDICTOR", default=None,
-                        help="also profile one step of this configuration (first backbone), e.g. byol:directpred "
-                             "(default: no profile)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for step.json and step.md (default: none, the table is only printed)")
 
 
 def run(args: argparse.Namespace) -> List[StepRow]:

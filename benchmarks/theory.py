@@ -1,30 +1,7 @@
 """The paper's linear model: when BYOL-style training collapses, and how the predictor prevents it.
 
-Setting (Tian, Chen & Ganguli, ICML 2021, Sec. 3): data ``x ~ N(0, I_n)``, two views
-``x1 = x + e1`` and ``x2 = x + e2`` with augmentation noise ``e ~ N(0, sigma^2 I_n)``; a
-linear online network ``W``, a linear predictor ``W_p``, a target ``W_a`` that follows
-``W`` by an EMA (``W_a += beta (W - W_a)`` per step), the loss
-``1/2 E||W_p W x1 - StopGrad(W_a x2)||^2`` and plain SGD with weight decay ``eta`` on
-every trained matrix. Several independent runs are simulated at once (a leading batch axis).
-
-Scenarios:
-  (a) no predictor (``W_p = I``)                     -> ||W|| decays to 0 (collapse)
-  (b) no stop-gradient (target = online ``W``)       -> collapse
-  (c) SGD-trained ``W_p``; DirectPred                -> no collapse
-  (d) SGD-trained symmetric ``W_p``                  -> eigenspace alignment with ``F`` rises to 1
-  (e) sweep of weight decay x EMA rate with an SGD-trained ``W_p``: where training collapses.
-
-DirectPred appears twice. ``directpred`` is :class:`DirectPredHead` as the library ships it:
-``p_j = sqrt(s_j / max s) + eps``, so its largest eigenvalue is ``1 + eps`` whatever the scale
-of ``F``. That normalisation is harmless under BYOL's cosine loss, which ignores the scale of
-the prediction, but this L2 model is not scale-free: an SGD-trained predictor settles near
-``1 / (1 + sigma^2)`` on each eigen-direction, and a predictor held at 1 lets ``||W||`` shrink
-(slowly, at a rate set by the EMA). ``directpred-sqrt`` is the same head's ``W_p`` multiplied by
-``sqrt(max s)``, i.e. the unnormalised ``p_j = sqrt(s_j)`` (+ ``eps sqrt(max s)``), which keeps
-the scale of ``F``. The table reports both as measured.
-
-Outputs in ``--out`` (default ``runs/theory-<time>``): ``theory.json``, ``theory.md`` and
-``theory.png``. Runs in seconds on a CPU.
+What it measures and how is the command's description, ``directpred-bench theory --help``
+(``_directpred_bench.THEORY_DESCRIPTION``, written there so that ``--help`` needs no torch).
 """
 
 from __future__ import annotations
@@ -406,29 +383,6 @@ def write_outputs(results: Dict[str, Any], out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = LinearSetting()
-    parser.add_argument("--dim", type=int, default=d.dim, help="width of the linear model")
-    parser.add_argument("--batch", type=int, default=d.batch, help="samples per step")
-    parser.add_argument("--steps", type=int, default=d.steps, help="training steps per run")
-    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
-    parser.add_argument("--ema-rate", type=float, default=d.ema_rate, help="beta in W_a += beta (W - W_a)")
-    parser.add_argument("--noise", type=float, default=d.noise, help="augmentation noise variance sigma^2")
-    parser.add_argument("--runs", type=int, default=d.runs, help="independent runs per scenario")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the first run")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), metavar="NAME",
-                        help=f"any of {', '.join(SCENARIOS)}")
-    parser.add_argument("--sweep-weight-decay", type=float, nargs="*", default=DEFAULT_SWEEP_WEIGHT_DECAY,
-                        help="(e) weight decays to sweep (none: skip the sweep)")
-    parser.add_argument("--sweep-ema-rate", type=float, nargs="*", default=DEFAULT_SWEEP_EMA_RATE,
-                        help="(e) EMA rates to sweep (none: skip the sweep)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: the matrices are tiny); 0 keeps PyTorch's default")
-    parser.add_argument("--out", type=Path, default=None, help="folder (default runs/theory-<time>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     for name in ("dim", "batch", "steps", "runs"):
         if getattr(args, name) < 1:

@@ -20,15 +20,18 @@ pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+#: The CLI on a tiny configuration: 1 epoch, 2 predictors, 2 seeds, small model.
+TINY_ARGV = ["compare", "--epochs", "1", "--seeds", "0", "1", "--predictors", "directpred", "none",
+             "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--threads", "1", "--jobs", "1",
+             "--no-progress"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The CLI on a tiny configuration: 1 epoch, 2 predictors, 2 seeds, small model."""
+    """The folder of TINY_ARGV's run."""
     out = tmp_path_factory.mktemp("compare")
-    argv = ["compare", "--epochs", "1", "--seeds", "0", "1", "--predictors", "directpred", "none",
-            "--proj-dim", "16", "--hidden-dim", "32", "--batch-size", "128", "--threads", "1", "--jobs", "1",
-            "--no-progress", "--out", str(out)]
     threads = torch.get_num_threads()
-    assert cli.main(argv) == 0
+    assert cli.main(TINY_ARGV + ["--out", str(out)]) == 0
     assert torch.get_num_threads() == threads  # --threads applies to the run only
     return out
 
@@ -177,6 +180,26 @@ def test_parallel_runs_give_the_serial_numbers(tiny_run, tmp_path):
         assert run[key] == reference[key], key
     assert run["history"]["loss"] == reference["history"]["loss"]
     assert parallel["untrained"][0]["knn_top1"] == serial["untrained"][0]["knn_top1"]
+
+
+#: What a run records about time and memory: the machine's, not the training's.
+MEASURED = {"ms_per_step", "train_seconds", "job_seconds", "peak_memory_mib"}
+
+
+def _numbers(rows):
+    return [{key: value for key, value in row.items() if key not in MEASURED and not key.startswith(
+        tuple(f"{m}_" for m in MEASURED))} for row in rows]
+
+
+def test_the_same_run_twice_gives_the_same_numbers(tiny_run, tmp_path):
+    """Every number but the timings repeats exactly: seeds fix initialisation, batches, views and probes."""
+    assert cli.main(TINY_ARGV + ["--out", str(tmp_path)]) == 0
+    first = json.loads((tiny_run / "results.json").read_text())
+    again = json.loads((tmp_path / "results.json").read_text())
+    for key in ("runs", "untrained", "summary"):
+        assert len(again[key]) == len(first[key]) > 0, key
+        assert _numbers(again[key]) == _numbers(first[key]), key
+    assert again["runs"][0]["history"]["loss"] and again["runs"][0]["knn_top1"] > 0  # compared something
 
 
 def test_results_are_saved_after_every_run(tmp_path, monkeypatch):

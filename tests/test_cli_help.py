@@ -1,12 +1,17 @@
-"""``directpred-bench --help`` states every option's real default, results.md of an incomplete run
-says so, and the progress bar keeps a width in a terminal that reports none."""
+"""``directpred-bench --help`` states every option's real default in plain text and answers without
+importing torch, a missing bench extra is one line naming the install, results.md of an
+incomplete run says so, and the progress bar keeps a width in a terminal that reports none."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +119,88 @@ def test_progress_bar_in_a_terminal_of_unknown_width(monkeypatch):
     bar.close()
     last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
     assert re.search(r"\|[#█]{30,}\|", last) and last.endswith("]"), last
+
+
+# ----------------------------------------------------------------------------- parsing without torch
+def _imported_modules(importtime_log: str) -> set:
+    """Module names from ``python -X importtime``'s report (``import time: self | cumulative | name``)."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("words", [[], *[[name] for name in cli.COMMANDS]], ids=lambda words: " ".join(words) or "-")
+def test_help_answers_without_importing_torch(words):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "_directpred_bench", *words, "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"usage: directpred-bench {' '.join(words)}".rstrip())
+    imported = _imported_modules(done.stderr)
+    assert "argparse" in imported  # the report is read right: the parser's own import is in it
+    assert not imported & {"torch", "numpy", "directpred_plugin"}, sorted(imported & {"torch", "numpy"})
+
+
+def test_a_full_command_line_parses_without_importing_torch():
+    script = (
+        "import sys, _directpred_bench as cli\n"
+        "args = cli.build_parser().parse_args(['compare', '--epochs', '1', '--predictors', 'directpred:eps=0.1',"
+        " 'mlp', '--seeds', '0', '--jobs', '1', '--no-progress'])\n"
+        "assert args.command == 'compare' and args.epochs == 1, args\n"
+        "print(sorted(name for name in ('torch', 'directpred_plugin', 'lightly') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_help_is_plain_text(monkeypatch):
+    texts = [cli.build_parser().format_help()] + [command.format_help() for command in _subparsers(monkeypatch).values()]
+    for text in texts:
+        assert "`" not in text, text[:200]
+        assert ":class:" not in text and ":func:" not in text and ":data:" not in text, text[:200]
+
+
+@pytest.mark.parametrize("module", ["lightly", "sklearn"])
+def test_a_missing_bench_extra_is_one_line_naming_the_install(module):
+    # None in sys.modules makes the import fail as for a module that is not installed
+    script = (f"import sys; sys.modules[{module!r}] = None\n"
+              "import _directpred_bench\n"
+              "_directpred_bench.main(['compare', '--epochs', '1', '--seeds', '0', '--jobs', '2', '--no-progress'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert {"lightly": "lightly", "sklearn": "scikit-learn"}[module] in line
+    assert 'pip install -e ".[bench]"' in line and "Traceback" not in line
+
+
+def test_the_command_line_states_the_codes_values():
+    """The values _directpred_bench writes out (it cannot import them) are those of the benchmark code."""
+    from dataclasses import asdict
+
+    from directpred_plugin.benchmarks import gpu_report, speed, step, theory
+    from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS
+
+    import _directpred_bench as bench
+
+    assert bench.COMPARE_PREDICTORS == tuple(PREDICTOR_SPECS)
+    assert bench.COMPARE_DEFAULT_PREDICTORS == {name: f.default_predictors for name, f in FRAMEWORKS.items()}
+    assert bench.SPEED_BASELINES == tuple(speed.BASELINES)
+    assert bench.THEORY_SCENARIOS == tuple(theory.SCENARIOS)
+    setting = asdict(theory.LinearSetting())
+    assert bench.THEORY_SETTING == {key: setting[key] for key in bench.THEORY_SETTING}
+    assert bench.THEORY_SWEEP_WEIGHT_DECAY == theory.DEFAULT_SWEEP_WEIGHT_DECAY
+    assert bench.THEORY_SWEEP_EMA_RATE == theory.DEFAULT_SWEEP_EMA_RATE
+    assert bench.STEP_BACKBONES == tuple(step.STEP_BACKBONES) and bench.STEP_METHODS == tuple(step.METHODS)
+    assert bench.STEP_PREDICTORS == step.DEFAULT_PREDICTORS
+    for dry_run in (False, True):
+        assert bench.GPU_REPORT_PARTS == tuple(part.name for part in gpu_report.plan(Path("out"), dry_run))
+    for command in bench.COMMANDS.values():
+        assert callable(importlib.import_module(command.module).run)
+
+
+def test_speed_runs_on_as_many_threads_as_compare_by_default(monkeypatch):
+    options = {name: _option_help(command) for name, command in _subparsers(monkeypatch).items()}
+    speed, compare = options["speed"]["threads"], options["compare"]["threads"]
+    assert speed[0].default == compare[0].default == 1
+    assert "0 keeps PyTorch's default" in speed[1] and "(default: 1)" in speed[1]
