@@ -264,6 +264,7 @@ def rank_deficient_float32_ema(dim, rows, seed):
     return normalise_statistics((ema + ema.T) / 2)
 
 
+@pytest.mark.slow  # the longest of the file: the fast tier stays under a minute
 def test_realistic_float32_statistics_are_accepted_indefinite_ones_included():
     """The fix must not refuse everything: SSL-like spectra and rank-deficient float32 EMAs
     (whose zero eigenvalues rounding turns into about -1e-8 of the top) pass at ``tol=1e-2``."""
@@ -435,6 +436,7 @@ def ssl_like_statistics():
                 yield normalise_statistics(matrix_with_spectrum(kind, dim, seed).float())
 
 
+@pytest.mark.slow  # the longest of the file: the fast tier stays under a minute
 def test_thorough_candidate_is_accepted_on_ssl_spectra_where_the_configured_one_is_refused():
     """At ``tol=1e-5`` float32 rounding refuses the configured candidates (bounds 2.5e-4 to
     5e-3, except where the float32 certificate happens to round to 0: one of the 40 here);
