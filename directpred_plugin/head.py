@@ -44,13 +44,12 @@ class DirectPredHead(nn.Module):
     Non-contrastive SSL (BYOL, SimSiam) avoids collapse because the predictor ``W_p`` aligns
     with the eigenspace of the correlation ``F = E[z z^T]`` of its input [0]. DirectPred sets
     ``W_p = U diag(sqrt(s / max s) + eps) U^T`` from an EMA ``F_hat = U diag(s) U^T`` instead
-    of learning it; ``variant`` picks another member of the family
-    (:data:`directpred_plugin.VARIANTS`). Each training-mode call returns ``z @ W_p^T`` and
-    pools the batch's moments; each training step folds its pool into ``F_hat`` and every
-    ``freq``-th step refreshes ``W_p``. A step is what the optimizer steps: with
-    ``calls_per_update="auto"`` (the default) every call between two optimizer steps (every
-    view, every micro-batch of gradient accumulation) pools into one update. The options, the
-    training conditions and the pipeline are described in the documentation.
+    of learning it; ``variant`` picks another member of the family (``VARIANTS``). Each
+    training-mode call returns ``z @ W_p^T`` and pools the batch's moments; each training step
+    folds its pool into ``F_hat`` and every ``freq``-th step refreshes ``W_p``. A step is what
+    the optimizer steps: with ``calls_per_update="auto"`` (the default) every call between two
+    optimizer steps (every view, every micro-batch of gradient accumulation) pools into one
+    update. In eval mode, or without grad, the head is the linear map ``z @ W_p^T``.
 
     Running statistics are kept like ``torch.nn.BatchNorm``'s: ``weight`` (``W_p``), ``corr``
     (``F_hat``) and, with ``center``, ``mean`` are buffers (``weight`` a parameter when
@@ -59,6 +58,36 @@ class DirectPredHead(nn.Module):
 
     - [0]: Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics without
       contrastive pairs", ICML 2021, https://arxiv.org/abs/2102.06810
+
+    Args:
+        dim: Width of the projections ``z`` (the head maps ``(batch, dim)`` to ``(batch, dim)``).
+        rho: EMA decay of ``F_hat`` in [0, 1): ``F_hat <- rho F_hat + (1 - rho) C``. None: the
+            variant's (0.3; 0 for the matrix-product members).
+        eps: Added to each predictor eigenvalue (DirectCopy: to the diagonal), >= 0. None: the
+            variant's (0.01; 0 for the matrix-product members).
+        freq: Refresh ``W_p`` every ``freq`` steps. None: the variant's (1; 5 for the hybrid).
+        variant: The member of the family, a name of ``VARIANTS``.
+        trainable: ``W_p`` is an ``nn.Parameter`` the optimizer trains between refreshes (the
+            paper's hybrid; needs ``freq > 1``). None: the variant's.
+        center: Use the covariance ``F_hat - mu mu^T`` instead of the raw correlation.
+        calls_per_update: ``"auto"``: one update per optimizer step; an integer ``n``: a step
+            ends after ``n`` training calls.
+        stats_dtype: dtype of ``F_hat`` and of the refresh (``torch.float32`` or ``torch.float64``).
+        sync_dist: Under ``torch.distributed``, sum each step's statistics over the ranks.
+        process_group: The group of that sum (default: the world); only with ``sync_dist``.
+        refresh: How ``F_hat`` becomes ``W_p``: ``"exact"``, ``"iterative"`` (matrix products
+            under a certified error bound) or ``"auto"`` (exact on the CPU, iterative on
+            accelerators).
+        refresh_options: Options of the iterative refresh (``tol``, ``squarings``,
+            ``sqrt_steps``, ``sqrt_floor``).
+        alpha: DirectSet's power (``variant="directset"`` only; None means 0.5).
+        eps_inside: Put ``eps`` inside the power, ``(s_j / max s + eps)^alpha``.
+        ridge: Added times ``I`` to the normalised statistics before the rule, >= 0.
+        weight_momentum: EMA on ``W_p`` itself: ``W_p <- m W_p + (1 - m) W_new`` at a refresh.
+
+    Raises:
+        ValueError: An option out of range, or one that means nothing for the configuration
+            (named, with what was expected).
 
     Examples:
         >>> predictor = DirectPredHead(256)  # replaces BYOL's 256-4096-256 MLP
