@@ -15,6 +15,7 @@ COMMANDS: Dict[str, str] = {
     "theory": "directpred_plugin.benchmarks.theory",
     "step": "directpred_plugin.benchmarks.step",
     "gpu-report": "directpred_plugin.benchmarks.gpu_report",
+    "health-plot": "directpred_plugin.benchmarks.health",
 }
 
 
