@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 #: The diagnostics plotted, left to right: column suffix -> axis title.
 PANELS = {"rankme": "RankMe of the projections", "alignment": "eigenspace alignment of W_p with F̂"}
+#: Axes drawn over the whole range of the value, where it has one (the alignment lies in [0, 1]).
+RANGES = {"alignment": (0.0, 1.05)}
 
 Curve = List[Tuple[int, float]]
 
@@ -60,6 +62,8 @@ def plot_health(runs: Sequence[Tuple[str, Dict[str, Dict[str, Curve]]]], path: P
                     name = head.rpartition("/")[2]
                     ax.plot(steps, values, marker="o", ms=2.5, lw=1.2,
                             label=f"{label}: {name}" if label else name)
+        if key in RANGES:
+            ax.set_ylim(*RANGES[key])
         ax.set_title(axis_title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -74,9 +78,9 @@ def plot_health(runs: Sequence[Tuple[str, Dict[str, Dict[str, Curve]]]], path: P
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.csv files written by Lightning's CSVLogger")
-    parser.add_argument("--labels", nargs="*", help="one legend label per file (default: none)")
-    parser.add_argument("--title", help="figure title")
-    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--labels", nargs="*", help="one legend label per file (default: the head names alone)")
+    parser.add_argument("--title", help="figure title (default: none)")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write (required, no default)")
 
 
 def run(args: argparse.Namespace) -> None:
