@@ -795,13 +795,13 @@ def test_isoloss_replaces_the_loss_of_its_own_model_only(methods):
     mlp_model = methods["byol"](make_cfg("byol"))
     batch = next(iter(dataloaders(mlp_model.cfg)[0]))
     with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached to the MLP model
-        expected = float(mlp_model.training_step(batch, 0))
+        expected = float(mlp_model.training_step(batch, 0).detach())
     inside = []
 
     def step_the_other_model(module, args, output):
         if module.training and torch.is_grad_enabled() and not inside:
             with pytest.warns(UserWarning, match="self.log"):
-                inside.append((solo.methods.byol.byol_loss_func is solo_loss, float(mlp_model.training_step(batch, 0))))
+                inside.append((solo.methods.byol.byol_loss_func is solo_loss, float(mlp_model.training_step(batch, 0).detach())))
 
     isoloss_model.predictor.register_forward_hook(step_the_other_model)
     losses = []
