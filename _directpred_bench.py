@@ -375,6 +375,25 @@ def gpu_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only these parts: {', '.join(GPU_REPORT_PARTS)} (default: all)")
 
 
+# ----------------------------------------------------------------------------- health-plot
+HEALTH_DESCRIPTION = """\
+Plot the RankMe and eigenspace alignment of DirectPred heads from Lightning metrics.csv files.
+
+Reads the .../rankme and .../alignment columns that lightly's DirectPredDiagnostics and
+solo-learn's method_kwargs.directpred.log_every_n_steps log through a CSVLogger (Lightning's
+default logger where TensorBoard is not installed), one line per head and file, against the
+logged step. Example: directpred-bench health-plot lightning_logs/version_0/metrics.csv
+--out health.png
+"""
+
+
+def health_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("metrics", nargs="+", type=Path, help="metrics.csv files written by Lightning's CSVLogger")
+    parser.add_argument("--labels", nargs="*", help="one legend label per file (default: the head names alone)")
+    parser.add_argument("--title", help="figure title (default: none)")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write (required, no default)")
+
+
 # ----------------------------------------------------------------------------- the command
 @dataclass(frozen=True)
 class Command:
@@ -402,6 +421,8 @@ COMMANDS: Dict[str, Command] = {
     "step": Command("directpred_plugin.benchmarks.step", STEP_DESCRIPTION, step_arguments, ("lightly", "tqdm")),
     "gpu-report": Command("directpred_plugin.benchmarks.gpu_report", GPU_REPORT_DESCRIPTION, gpu_report_arguments,
                           ("lightly", "tqdm")),
+    "health-plot": Command("directpred_plugin.benchmarks.health", HEALTH_DESCRIPTION, health_arguments,
+                           ("matplotlib",)),
 }
 
 

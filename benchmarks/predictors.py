@@ -142,10 +142,14 @@ def solo_method_kwargs(spec: str) -> Optional[Dict[str, Any]]:
 
 
 def check_predictor(spec: str) -> None:
-    """Build ``spec`` once at a tiny width so that bad names or options fail before any training."""
+    """Fail on a bad name or option before any training: a closed-form name's options are checked
+    without building a head, a baseline is built once at a tiny width."""
     name, options = parse_predictor_spec(spec)
     entry = predictor_spec(spec)
     try:
-        entry.build(8, 8, "byol", **options)
+        if name in VARIANTS:
+            DirectPredHead.check_options(8, variant=name, **options)
+        else:
+            entry.build(8, 8, "byol", **options)
     except TypeError as error:
         raise ValueError(f"predictor {spec!r}: {error}") from error

@@ -94,8 +94,13 @@ def eigenspace_alignment(weight: Tensor, corr: Tensor) -> Tensor:
     positive eigenvalue.
     """
     corr64 = corr.detach().to(torch.float64)
-    w64 = weight.detach().to(device=corr64.device, dtype=torch.float64)
     eigenvalues, eigenvectors = torch.linalg.eigh(corr64)
+    return alignment_from_eigh(weight, eigenvalues, eigenvectors)
+
+
+def alignment_from_eigh(weight: Tensor, eigenvalues: Tensor, eigenvectors: Tensor) -> Tensor:
+    """:func:`eigenspace_alignment` from an eigendecomposition of ``corr`` already at hand (float64)."""
+    w64 = weight.detach().to(device=eigenvectors.device, dtype=torch.float64)
     mapped = w64 @ eigenvectors
     cosine = (eigenvectors * mapped).sum(dim=0).abs() / mapped.norm(dim=0).clamp_min(1e-300)
     weights = eigenvalues.clamp_min(0)

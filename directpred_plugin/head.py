@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 import weakref
 import zlib
 from types import FrameType
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from .steps import (CHECKPOINT_ERROR, EXACT, THOROUGH, Steps, autocast_disabled,
                     inside_backward, linear, upstream_parameters)
 from .variants import VARIANTS, RuleOptions
 
-__all__ = ["DirectPredHead", "CallsPerUpdate"]
+__all__ = ["DirectPredHead", "CallsPerUpdate", "read_diagnostics"]
 
 CallsPerUpdate = Union[int, str]
 #: The layout of the tensor a head saves as its extra state (``state_dict()[prefix + "_extra_state"]``).
@@ -141,6 +142,21 @@ class DirectPredHead(nn.Module):
         self._unclaimed: Optional[Pool] = None  # a loaded pool not yet known to be this rank's
         self.steps = Steps(self.freq, options["calls_per_update"])
         self._warned: set = set()
+
+    @staticmethod
+    def check_options(dim: int, **options: Any) -> Dict[str, Any]:
+        """What ``DirectPredHead(dim, **options)`` would be built with, validated without building it.
+
+        The signature's defaults for the options not given, then :func:`~directpred_plugin.options.check_head_options`:
+        the same ``ValueError`` the constructor raises (``TypeError`` for an unknown option), and
+        the options cleaned as it returns them. Adapters check a configuration with it before
+        they build a model.
+        """
+        bound = inspect.signature(DirectPredHead.__init__).bind(None, dim, **options)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        return check_head_options(**arguments)
 
     # ------------------------------------------------------------------ state read by users
     @property
@@ -320,29 +336,43 @@ class DirectPredHead(nn.Module):
     @torch.no_grad()
     def alignment(self) -> float:
         """Eigenspace alignment of ``W_p`` with ``F_hat``; 1 for the exact DirectPred rule, NaN before any update."""
-        if int(self.num_updates) == 0:
-            return float("nan")
-        return float(functional.eigenspace_alignment(self.weight, self.corr))
+        value = functional.eigenspace_alignment(self.weight, self.corr)
+        return float(torch.where(self._counters[_NUM_UPDATES].to(value.device) > 0, value, float("nan")))
 
     @torch.no_grad()
-    def diagnostics(self) -> Dict[str, float]:
-        """Scalars for logging, named after the state they read (two float64 eigendecompositions)."""
-        corr, weight = self.spectra().values()
-        counters = self._counters.tolist()
-        updates = counters[_NUM_UPDATES]
-        nan = float("nan")
+    def diagnostic_tensors(self) -> Dict[str, Tensor]:
+        """The diagnostics held on the head's device, as 0-dim float64 tensors there, none read on the host.
+
+        One float64 eigendecomposition of ``F_hat`` (its eigenvectors give the alignment, its
+        eigenvalues RankMe and the effective rank) and one of the symmetric part of ``W_p``;
+        on CUDA each waits for its convergence check. Values that need an update are NaN before one.
+        """
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.corr.detach().double())
+        weight = self.weight.detach().double()
+        weight_eigenvalues = torch.linalg.eigvalsh((weight + weight.mT) / 2)
+        counters = self._counters.to(device=eigenvalues.device, dtype=torch.float64)
+        updated = counters[_NUM_UPDATES] > 0
+        nan = eigenvalues.new_full((), float("nan"))
         return {
-            "alignment": self.alignment(),
-            "corr_eig_max": float(corr[0]), "corr_eig_min": float(corr[-1]),
-            "corr_effective_rank": float(functional.effective_rank(corr)) if updates else nan,
-            "rankme": float(functional.rankme(corr)) if updates else nan,
-            "weight_eig_max": float(weight[0]), "weight_eig_min": float(weight[-1]),
-            "num_updates": float(updates), "num_skipped": float(counters[_NUM_SKIPPED]),
-            "num_steps": float(self.steps.steps),
-            "refresh_rejections": float(counters[_REFRESH_REJECTIONS]),
-            "exact_refreshes": float(self.steps.exact_refreshes),
-            "thorough_refreshes": float(self.steps.thorough_refreshes),
+            "alignment": torch.where(updated, functional.alignment_from_eigh(weight, eigenvalues, eigenvectors), nan),
+            "rankme": torch.where(updated, functional.rankme(eigenvalues), nan),
+            "corr_effective_rank": torch.where(updated, functional.effective_rank(eigenvalues), nan),
+            "corr_eig_max": eigenvalues[-1], "corr_eig_min": eigenvalues[0],
+            "weight_eig_max": weight_eigenvalues[-1], "weight_eig_min": weight_eigenvalues[0],
+            "num_updates": counters[_NUM_UPDATES], "num_skipped": counters[_NUM_SKIPPED],
+            "refresh_rejections": counters[_REFRESH_REJECTIONS],
         }
+
+    def schedule_counts(self) -> Dict[str, float]:
+        """The diagnostics the host keeps (the step schedule's counters): nothing to read from the device."""
+        steps = self.steps
+        return {"num_steps": float(steps.steps), "exact_refreshes": float(steps.exact_refreshes),
+                "thorough_refreshes": float(steps.thorough_refreshes)}
+
+    def diagnostics(self) -> Dict[str, float]:
+        """Scalars for logging, named after the state they read: :meth:`diagnostic_tensors`, read
+        from the device at once, and :meth:`schedule_counts`."""
+        return read_diagnostics([self])[0]
 
     # ------------------------------------------------------------------ bookkeeping
     def reset_running_stats(self) -> None:
@@ -469,6 +499,22 @@ class DirectPredHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, variant={self.variant!r}, rho={self.rho}, eps={self.eps}, freq={self.freq}, "
                 f"trainable={self.trainable}, refresh={self.refresh_strategy!r}")
+
+
+def read_diagnostics(heads: Sequence[DirectPredHead]) -> List[Dict[str, float]]:
+    """:meth:`DirectPredHead.diagnostics` of every head, with one host read per device the heads are on."""
+    tensors = [head.diagnostic_tensors() for head in heads]
+    by_device: Dict[torch.device, List[int]] = {}
+    for index, values in enumerate(tensors):
+        by_device.setdefault(next(iter(values.values())).device, []).append(index)
+    read: List[Dict[str, float]] = [{} for _ in heads]
+    for indices in by_device.values():
+        stacked = torch.stack([value for i in indices for value in tensors[i].values()]).tolist()
+        for i in indices:
+            names = list(tensors[i])
+            read[i] = dict(zip(names, stacked[:len(names)]))
+            stacked = stacked[len(names):]
+    return [{**values, **head.schedule_counts()} for values, head in zip(read, heads)]
 
 
 def _variant_id(variant: str) -> int:

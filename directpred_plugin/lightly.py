@@ -3,7 +3,8 @@
 - :class:`DirectPredPredictionHead`: the one-line replacement for ``BYOLPredictionHead`` /
   ``SimSiamPredictionHead`` (needs neither lightly nor Lightning).
 - :func:`replace_prediction_heads`: swap the prediction heads of an existing model in place.
-- ``DirectPredDiagnostics``: a Lightning callback logging the heads' diagnostics.
+- :class:`~directpred_plugin.callbacks.DirectPredDiagnostics`: a Lightning callback logging
+  the heads' diagnostics (defined in :mod:`directpred_plugin.callbacks`, re-exported here).
 
 lightly and Lightning are imported only by the parts that need them; they come with the
 package's ``lightly`` extra (see :data:`INSTALL_HINT`).
@@ -11,13 +12,13 @@ package's ``lightly`` extra (see :data:`INSTALL_HINT`).
 
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
 from .head import DirectPredHead
+from .replacing import replaced_width
 from .variants import VARIANTS
 
 #: How to get the ``lightly`` extra; the package is not on PyPI yet.
@@ -39,9 +40,6 @@ LIGHTLY_PREDICTION_HEADS: Tuple[str, ...] = (
     "SimSiamPredictionHead",
     "NNCLRPredictionHead",
 )
-
-# Import names of the two Lightning flavours a DirectPredDiagnostics must satisfy.
-_LIGHTNING_FLAVOURS: Tuple[str, ...] = ("lightning.pytorch", "pytorch_lightning")
 
 
 class DirectPredPredictionHead(DirectPredHead):
@@ -158,8 +156,9 @@ def replace_prediction_heads(
 
     Raises:
         ImportError: ``head_types`` not given and lightly not installed.
-        ValueError: ``model`` is itself such a head, or a head has no ``nn.Linear`` or
-            does not map its width onto itself.
+        ValueError: ``model`` is itself such a head, has none of them (and no DirectPred
+            head already: it would train its own predictor unchanged), or a head has no
+            ``nn.Linear`` or does not map its width onto itself.
 
     Examples:
         >>> model = BYOL()  # any model built with lightly's BYOLPredictionHead(256, 4096, 256)
@@ -197,6 +196,13 @@ def replace_prediction_heads(
             replacements[id(module)] = ReplacedHead(name, module, _direct_pred_like(name, module, options))
         locations.append((name, id(module)))
 
+    if not locations and not any(isinstance(m, DirectPredHead) for m in model.modules()):
+        raise ValueError(
+            f"replace_prediction_heads found no {' or '.join(t.__name__ for t in types)} in "
+            f"{type(model).__name__}, so the model would keep training its own predictor. Name the class of its "
+            "prediction head with head_types= (e.g. head_types=SMoGPredictionHead), or build the model with "
+            "DirectPredPredictionHead."
+        )
     for name, key in locations:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, replacements[key].new)
@@ -204,126 +210,26 @@ def replace_prediction_heads(
 
 
 def _direct_pred_like(name: str, head: nn.Module, options: Dict[str, Any]) -> DirectPredPredictionHead:
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot replace {name!r} ({type(head).__name__}): it has no nn.Linear to read its width from")
-    first, last = linears[0], linears[-1]
     try:
-        new = DirectPredPredictionHead(first.in_features, output_dim=last.out_features, **options)
+        new = DirectPredPredictionHead(replaced_width(head), **options)
     except ValueError as err:
         raise ValueError(f"cannot replace {name!r} ({type(head).__name__}): {err}") from err
     # Statistics keep their dtype; only a trainable W_p follows the old head's dtype.
-    new.to(device=first.weight.device, dtype=first.weight.dtype)
+    reference = next(head.parameters())
+    new.to(device=reference.device, dtype=reference.dtype)
     return new.train(head.training)
 
 
-# ---------------------------------------------------------------- diagnostics callback
-class _DiagnosticsHooks:
-    """The behaviour of ``DirectPredDiagnostics``; the Lightning base classes are added lazily."""
-
-    def __init__(self, every_n_steps: int = 50, prefix: str = "directpred") -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        super().__init__()
-        self.every_n_steps = every_n_steps
-        self.prefix = prefix
-        self._last_logged_step = -1
-
-    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not trainer.loggers:
-            raise ValueError(
-                "DirectPredDiagnostics logs through the Trainer's logger, but the Trainer has none "
-                "(logger=False). Give it a logger, e.g. Trainer(logger=CSVLogger('logs'))."
-            )
-        if not _direct_pred_heads(pl_module):
-            raise ValueError(
-                f"DirectPredDiagnostics found no DirectPredHead in {type(pl_module).__name__}; use "
-                "DirectPredPredictionHead as the prediction head or call replace_prediction_heads first."
-            )
-
-    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        # With gradient accumulation several batches share a step (and step 0 lasts until
-        # the first optimizer step): log each step once, and not step 0.
-        if step == 0 or step == self._last_logged_step or step % self.every_n_steps != 0:
-            return
-        self._last_logged_step = step
-        if not trainer.is_global_zero:  # loggers write on rank 0 only; with sync_dist the heads agree
-            return
-        metrics = self.metrics(pl_module)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-
-    def metrics(self, pl_module: nn.Module) -> Dict[str, float]:
-        """``{prefix}/{head name}/{diagnostic}`` for every DirectPredHead of ``pl_module``."""
-        return {
-            f"{self.prefix}/{name}/{key}": value
-            for name, head in _direct_pred_heads(pl_module)
-            for key, value in head.diagnostics().items()
-        }
-
-
-def _direct_pred_heads(module: nn.Module) -> List[Tuple[str, DirectPredHead]]:
-    return [(name or "head", m) for name, m in module.named_modules() if isinstance(m, DirectPredHead)]
-
-
-@functools.lru_cache(maxsize=None)
-def _diagnostics_callback_class() -> type:
-    bases = []
-    for flavour in _LIGHTNING_FLAVOURS:
-        try:
-            bases.append(importlib.import_module(flavour).Callback)
-        except ImportError:
-            continue
-    if not bases:
-        raise ImportError(
-            "DirectPredDiagnostics is a Lightning callback and needs `lightning` or `pytorch_lightning`, "
-            f"neither of which could be imported. Install them with: {INSTALL_HINT}"
-        )
-    # Subclassing the Callback of every installed flavour lets the same class go to a
-    # `lightning.pytorch.Trainer` or a `pytorch_lightning.Trainer` (each checks isinstance).
-    return type(
-        "DirectPredDiagnostics",
-        (_DiagnosticsHooks, *bases),
-        {"__module__": __name__, "__qualname__": "DirectPredDiagnostics", "__doc__": _DIAGNOSTICS_DOC},
-    )
-
-
-_DIAGNOSTICS_DOC = """Lightning callback logging the diagnostics of every DirectPredHead in the model.
-
-Every ``every_n_steps`` optimizer steps it logs :meth:`DirectPredHead.diagnostics` (spectrum
-summary of ``F_hat`` and ``W_p``, eigenspace alignment, collapse indicator, update and skip
-counters) through all of the Trainer's loggers, as ``{prefix}/{head name}/{diagnostic}`` at
-``step=trainer.global_step``. Under DDP only rank 0 computes and logs (the heads hold the
-same state on every rank). It is accepted by both ``lightning.pytorch.Trainer`` and
-``pytorch_lightning.Trainer``.
-
-Args:
-    every_n_steps: Log when ``trainer.global_step`` is a multiple of this. Each call costs
-        two eigendecompositions per head.
-    prefix: First component of the metric names.
-
-Raises (at ``trainer.fit``):
-    ValueError: the Trainer has no logger, or the model has no DirectPredHead.
-
-Examples:
-    >>> trainer = pl.Trainer(callbacks=[DirectPredDiagnostics(every_n_steps=100)])
-"""
-
-
 if TYPE_CHECKING:
-    from lightning.pytorch import Callback as _LightningCallback
-
-    class DirectPredDiagnostics(_DiagnosticsHooks, _LightningCallback):
-        """What :func:`_diagnostics_callback_class` builds, as type checkers should see it."""
+    from .callbacks import DirectPredDiagnostics
 
 
 def __getattr__(name: str) -> Any:
-    # Built on first access so that importing this module needs neither Lightning flavour.
+    # Imported on first access, so that this module imports without either Lightning flavour.
     if name == "DirectPredDiagnostics":
-        return _diagnostics_callback_class()
+        from .callbacks import DirectPredDiagnostics
+
+        return DirectPredDiagnostics
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

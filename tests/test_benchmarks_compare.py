@@ -254,6 +254,27 @@ def test_simsiam_is_lightlys_without_a_target():
     assert head.predictor.steps.calls == 0 and int(head.predictor.num_updates) == 1
 
 
+def test_a_closed_form_predictor_is_checked_without_building_a_head(monkeypatch):
+    from directpred_plugin import DirectPredHead
+    from directpred_plugin.benchmarks import predictors
+
+    built = []
+
+    class Counting(DirectPredHead):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(predictors, "DirectPredHead", Counting)
+    predictors.check_predictor("ns:freq=2")
+    assert built == []
+    with pytest.raises(ValueError, match="rho must be a number in"):
+        predictors.check_predictor("directpred:rho=2")
+    with pytest.raises(ValueError, match=r"'directpred:epsilon=0.1'.*unexpected keyword argument 'epsilon'"):
+        predictors.check_predictor("directpred:epsilon=0.1")
+    assert predictors.build_predictor("ns:freq=2", 8, 8).freq == 2 and len(built) == 1
+
+
 def test_predictor_specs_parse_literals_and_name_bad_ones():
     from directpred_plugin.benchmarks.predictors import build_predictor, parse_predictor_spec
 

@@ -177,7 +177,22 @@ def test_swap_rejects_what_it_cannot_replace():
         replace_prediction_heads(_wrap(nn.ReLU()), head_types=[nn.ReLU])
     with pytest.raises(ValueError, match="head_types"):
         replace_prediction_heads(_wrap(nn.ReLU()), head_types=["ReLU"])
-    assert replace_prediction_heads(_wrap(nn.Linear(3, 3))) == []
+
+
+def test_swap_refuses_a_model_without_the_head_types():
+    """lightly's SMoG: its SMoGPredictionHead is not swapped by default, and a call that swaps
+    nothing would leave the model training its MLP."""
+    smog = nn.ModuleDict({"projection_head": BYOLProjectionHead(16, 32, 10),
+                          "prediction_head": SMoGPredictionHead(10, 20, 10)})
+    with pytest.raises(ValueError, match=r"found no BYOLPredictionHead or SimSiamPredictionHead or "
+                                         r"NNCLRPredictionHead in ModuleDict.*head_types="):
+        replace_prediction_heads(smog)
+    with pytest.raises(ValueError, match=r"found no ReLU in Module.*head_types="):
+        replace_prediction_heads(_wrap(nn.Linear(3, 3)), head_types=nn.ReLU)
+    assert isinstance(smog["prediction_head"], SMoGPredictionHead)
+    (replaced,) = replace_prediction_heads(smog, head_types=SMoGPredictionHead)
+    # Called again on a model that already has DirectPred heads: nothing left to do, nothing refused.
+    assert replace_prediction_heads(smog) == [] and smog["prediction_head"] is replaced.new
 
 
 def test_swap_takes_one_class_as_head_types():
@@ -345,8 +360,9 @@ def test_swap_without_lightly_names_the_extra(monkeypatch):
 
 def test_callback_without_lightning_names_the_extra(monkeypatch):
     _hide_modules(monkeypatch, "lightning", "pytorch_lightning")
+    monkeypatch.delitem(sys.modules, "directpred_plugin.callbacks")
     with pytest.raises(ImportError, match=r'pip install -e "\.\[lightly\]" in a checkout'):
-        adapter._diagnostics_callback_class.__wrapped__()
+        adapter.DirectPredDiagnostics
 
 
 def test_adapter_imports_without_lightly_or_lightning(monkeypatch):
@@ -369,7 +385,10 @@ def test_callback_class_is_one_class_for_both_flavours():
     assert isinstance(DirectPredDiagnostics(), pytorch_lightning.Callback)
     assert isinstance(DirectPredDiagnostics(), lightning.pytorch.Callback)
     assert adapter.DirectPredDiagnostics is DirectPredDiagnostics
-    assert DirectPredDiagnostics.__module__ == "directpred_plugin.lightly"
+    assert DirectPredDiagnostics.__module__ == "directpred_plugin.callbacks"
+    # a class statement of its own, which readers and type checkers see
+    assert "class DirectPredDiagnostics(LightningCallback, PytorchLightningCallback)" in inspect.getsource(
+        sys.modules["directpred_plugin.callbacks"])
 
 
 # ---------------------------------------------------------------------------- recipes

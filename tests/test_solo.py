@@ -10,6 +10,8 @@ test_solo_autoregister.py.
 from __future__ import annotations
 
 import contextlib
+import csv
+import importlib.util
 import json
 import os
 import pickle
@@ -24,7 +26,7 @@ import yaml
 from _helpers import assert_same_state
 from _helpers import snapshot as snapshot_state
 
-import directpred_plugin.solo as adapter
+import directpred_plugin.solo.install as install
 from directpred_plugin import DirectPredHead
 from directpred_plugin.variants import VARIANTS
 from directpred_plugin.solo import (
@@ -120,7 +122,7 @@ def _recording_head(calls):
 ])
 def test_the_head_gets_only_the_options_the_config_gives(monkeypatch, predictor, given, built):
     calls = []
-    monkeypatch.setattr(adapter, "DirectPredHead", _recording_head(calls))
+    monkeypatch.setattr(install, "DirectPredHead", _recording_head(calls))
     head = build_directpred(8, given, calls_per_step=3, predictor=predictor)
     assert calls[-1] == built
     name, options = built
@@ -271,14 +273,16 @@ def dataloaders(cfg):
     return prepare_dataloader(train, batch_size=BATCH, num_workers=0), DataLoader(val, batch_size=BATCH)
 
 
-def fit(model, *, steps=STEPS, epochs=1, ckpt_path=None, callbacks=(), precision="32-true", accumulate=1):
+def fit(model, *, steps=STEPS, epochs=1, ckpt_path=None, callbacks=(), precision="32-true", accumulate=1,
+        **trainer_options):
     from lightning.pytorch import Trainer
 
-    trainer = Trainer(
+    options = dict(
         accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1,
         num_sanity_val_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=list(callbacks), accumulate_grad_batches=accumulate,
     )
+    trainer = Trainer(**{**options, **trainer_options})
     train, val = dataloaders(model.cfg)
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
     return trainer
@@ -392,7 +396,7 @@ def test_register_patches_in_place_once_and_keeps_the_originals(methods):
     assert byol.add_and_assert_specific_cfg.__wrapped__.__qualname__ == "BYOL.add_and_assert_specific_cfg"
     assert byol.learnable_params.fget.__wrapped__.__module__ == "solo.methods.byol"
     # BaseMethod is registered too; its own check runs inside BYOL's and adds nothing
-    assert BaseMethod.__init__.__module__ == "directpred_plugin.solo"
+    assert BaseMethod.__init__.__module__ == "directpred_plugin.solo.registration"
     with unregistered():
         assert byol.__init__ is patched["__init__"].__wrapped__
         model = byol(make_cfg("byol", predictor="directpred"))  # unregistered: solo-learn ignores the key
@@ -587,6 +591,24 @@ def test_auto_resume_never_picks_a_checkpoint_of_another_predictor(methods, tmp_
         assert resumer.find_checkpoint(cfg)[0] == found
 
 
+def test_auto_resume_compares_the_head_options_but_not_the_logging_interval(methods, tmp_path):
+    from omegaconf import OmegaConf
+    from solo.utils.auto_resumer import AutoResumer
+
+    saved = make_cfg("byol", predictor="directpred", directpred={"freq": 2, "log_every_n_steps": 10})
+    methods["byol"](saved)
+    run = tmp_path / "byol" / "0"
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps(OmegaConf.to_container(saved)))
+    (run / "byol-0-ep=0.ckpt").write_bytes(b"")
+    resumer = AutoResumer(checkpoint_dir=tmp_path / "byol", max_hours=1)
+    for options, found in [({"freq": 2}, run / "byol-0-ep=0.ckpt"), ({"freq": 2, "log_every_n_steps": 0}, run / "byol-0-ep=0.ckpt"),
+                           ({"freq": 3, "log_every_n_steps": 10}, None), ({}, None)]:
+        cfg = make_cfg("byol", predictor="directpred", directpred=options)
+        methods["byol"](cfg)
+        assert resumer.find_checkpoint(cfg)[0] == found, options
+
+
 def test_models_pickle_for_ddp_spawn(methods):
     model = methods["byol"](make_cfg("byol", predictor="directpred", loss="isoloss"))
     copy = pickle.loads(pickle.dumps(model))
@@ -599,7 +621,7 @@ def test_models_pickle_for_ddp_spawn(methods):
     env = {**os.environ, OPT_OUT_ENV: "0"}
     out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(model), capture_output=True, check=True,
                          env=env)
-    assert out.stdout.decode().split() == ["BYOL", "DirectPredHead", "directpred_plugin.solo"]
+    assert out.stdout.decode().split() == ["BYOL", "DirectPredHead", "directpred_plugin.solo.registration"]
 
 
 def _strip_directpred_lines(text):
@@ -675,6 +697,8 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
         "precision=32", "max_epochs=1", f"optimizer.batch_size={BATCH}", f"++limit_train_batches={STEPS}",
         "method_kwargs.proj_hidden_dim=64", "method_kwargs.pred_hidden_dim=64", "method_kwargs.proj_output_dim=32",
         "++wandb.enabled=False", "++auto_resume.enabled=False", f"checkpoint.dir={tmp_path / 'ckpt'}",
+        # the heads' diagnostics at every step, written by the Trainer at every step
+        "++method_kwargs.directpred.log_every_n_steps=1", "++log_every_n_steps=1",
     ]
     env = {k: v for k, v in os.environ.items() if k not in (SCRIPT_ENV, "LOCAL_RANK", OPT_OUT_ENV)}
     env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
@@ -700,6 +724,13 @@ def test_main_pretrain_builds_directpred_from_the_yaml_key(solo_root, tmp_path, 
     assert not torch.equal(state["predictor.weight"], torch.eye(32))
     args = json.loads(next((tmp_path / "ckpt" / method).glob("*/args.json")).read_text())
     assert args["method_kwargs"]["predictor"] == "directpred"
+    # Without wandb, main_pretrain leaves the Trainer its default logger: CSV where TensorBoard is absent.
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        (metrics,) = (tmp_path / "lightning_logs").glob("*/metrics.csv")
+        with open(metrics, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("directpred/predictor/rankme")]
+        assert [float(row["directpred/predictor/num_updates"]) for row in rows] == [1.0, 2.0]
+        assert all(float(row["directpred/predictor/alignment"]) == pytest.approx(1.0, abs=1e-6) for row in rows)
 
 
 # ------------------------------------------------------------------------------ IsoLoss
@@ -719,7 +750,7 @@ def test_isoloss_trains_through_solo_learn(methods, method, form):
     # every prediction loss of every step went through IsoLoss, and solo's function is back
     assert len(calls) == STEPS * 2 and all(np.isfinite(calls))
     assert getattr(importlib.import_module(module_name), name) is original
-    assert model._prediction_inputs == {}
+    assert model._isoloss_step.pending == 0
     assert int(model.predictor.num_updates) == STEPS
 
 
@@ -739,3 +770,139 @@ def test_isoloss_needs_a_closed_form_predictor(methods):
         methods["byol"].add_and_assert_specific_cfg(make_cfg("byol", loss="isoloss"))
     with pytest.raises(ValueError, match="is available for"):
         methods["mocov3"].add_and_assert_specific_cfg(make_cfg("mocov3", predictor="directpred", loss="isoloss"))
+
+
+@pytest.mark.parametrize("calls_per_update, shown", [(2, "2"), (None, "null")])
+def test_cosine_isoloss_with_an_integer_calls_per_update_is_refused_naming_auto(methods, calls_per_update, shown):
+    cfg = make_cfg("byol", predictor="directpred", loss="isoloss", directpred={"calls_per_update": calls_per_update})
+    with pytest.raises(ValueError, match=rf"isoloss \(form cosine\) needs method_kwargs.directpred.calls_per_update: "
+                                         rf"auto \(the default\), got {shown}: .*set it to auto"):
+        methods["byol"].add_and_assert_specific_cfg(cfg)
+    # the l2 form hands the gradient at p to z without reading W_p, so the step's W_p is the prediction's
+    cfg = make_cfg("byol", predictor="directpred", loss="isoloss", isoloss={"form": "l2"},
+                   directpred={"calls_per_update": calls_per_update})
+    assert methods["byol"].add_and_assert_specific_cfg(cfg).method_kwargs.isoloss == {"form": "l2"}
+
+
+@pytest.mark.timeout(300)
+def test_isoloss_replaces_the_loss_of_its_own_model_only(methods):
+    """While an IsoLoss model trains, solo-learn's loss function is untouched: a second, MLP-predictor
+    model stepped in the middle of that training step gets solo-learn's own loss."""
+    import solo.methods.byol
+
+    solo_loss = solo.methods.byol.byol_loss_func
+    isoloss_model = methods["byol"](make_cfg("byol", predictor="directpred", loss="isoloss"))
+    mlp_model = methods["byol"](make_cfg("byol"))
+    batch = next(iter(dataloaders(mlp_model.cfg)[0]))
+    with pytest.warns(UserWarning, match="self.log"):  # no Trainer attached to the MLP model
+        expected = float(mlp_model.training_step(batch, 0).detach())
+    inside = []
+
+    def step_the_other_model(module, args, output):
+        if module.training and torch.is_grad_enabled() and not inside:
+            with pytest.warns(UserWarning, match="self.log"):
+                inside.append((solo.methods.byol.byol_loss_func is solo_loss, float(mlp_model.training_step(batch, 0).detach())))
+
+    isoloss_model.predictor.register_forward_hook(step_the_other_model)
+    losses = []
+    isoloss_model.isoloss.register_forward_hook(lambda module, args, out: losses.append(float(out.detach())))
+    fit(isoloss_model)
+    assert inside == [(True, pytest.approx(expected, rel=1e-6))]
+    assert len(losses) == STEPS * 2  # the IsoLoss model itself trained with IsoLoss
+    assert solo.methods.byol.byol_loss_func is solo_loss
+
+
+@pytest.mark.parametrize("kwargs, key, meant", [
+    ({"predictor": "directpred", "direct_pred": {"rho": 0.9}}, "direct_pred", "directpred"),
+    ({"predictor": "directpred", "directpred_options": {"rho": 0.9}}, "directpred_options", "directpred"),
+    ({"predictor": "ns", "ns": {"freq": 2}}, "ns", "directpred"),
+    ({"predicter": "directpred"}, "predicter", "predictor"),
+    ({"predictor": "directpred", "loss": "isoloss", "iso_loss": {"form": "l2"}}, "iso_loss", "isoloss"),
+])
+def test_a_key_that_looks_like_the_adapters_stops_the_run_naming_it(methods, kwargs, key, meant):
+    with pytest.raises(ValueError, match=rf"method_kwargs\.{key} is read by neither solo-learn nor directpred-plugin, "
+                                         rf"and looks like method_kwargs\.{meant}: .*Rename it to {meant}"):
+        methods["byol"](make_cfg("byol", **kwargs))
+    with pytest.raises(ValueError, match=rf"method_kwargs\.{key} is read by neither"):  # also beside a method's MLP
+        methods["vicreg"](make_cfg("vicreg", **{key: kwargs[key]}))
+
+
+def test_no_key_of_solo_learn_looks_like_the_adapters(solo_root):
+    import re
+
+    from directpred_plugin.solo.lookalikes import meant_key
+
+    keys = set()
+    for path in (solo_root / "scripts").rglob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        if isinstance(config, dict) and isinstance(config.get("method_kwargs"), dict):
+            keys.update(config["method_kwargs"])
+    for path in (solo_root / "solo").rglob("*.py"):
+        keys.update(re.findall(r"method_kwargs\.(\w+)", path.read_text()))
+    assert len(keys) > 30 and "pred_hidden_dim" in keys
+    assert {key: meant_key(key) for key in keys if meant_key(key)} == {}
+
+
+def test_the_cfg_check_builds_no_module_and_a_model_builds_each_head_once(methods, monkeypatch):
+    import functools
+
+    built = []
+    original = DirectPredHead.__init__
+
+    @functools.wraps(original)
+    def counting(self, dim, **options):
+        built.append(dim)
+        original(self, dim, **options)
+
+    monkeypatch.setattr(DirectPredHead, "__init__", counting)
+    cfg = make_cfg("byol", predictor="directpred", directpred={"freq": 2, "stats_dtype": "float64"}, loss="isoloss")
+    methods["byol"].add_and_assert_specific_cfg(cfg)
+    assert built == []
+    methods["byol"](cfg)
+    assert built == [16]
+    methods["all4one"](make_cfg("all4one", predictor="ns"))
+    assert built == [16, 16, 16]
+    assert directpred_options({"freq": 2}) and built == [16, 16, 16]
+
+
+def test_the_logging_interval_is_an_option_of_the_directpred_block(methods):
+    model = methods["simsiam"](make_cfg("simsiam", predictor="directpred"))
+    assert model._directpred_diagnostics.every_n_steps == 50  # the default, Lightning's own interval
+    assert "log_every_n_steps" not in model.cfg.method_kwargs.directpred  # defaults are not written into the cfg
+    with pytest.raises(ValueError, match=r"method_kwargs.directpred: log_every_n_steps must be an integer >= 0"):
+        methods["simsiam"](make_cfg("simsiam", predictor="directpred", directpred={"log_every_n_steps": -1}))
+    head = build_directpred(8, {"log_every_n_steps": 5}, calls_per_step=2)
+    assert isinstance(head, DirectPredHead)  # the logging option is not the head's
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["byol", "all4one"])
+def test_the_methods_own_logger_shows_rankme_and_alignment(methods, tmp_path, method):
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = methods[method](make_cfg(method, predictor="directpred", directpred={"log_every_n_steps": 2}))
+    logger = CSVLogger(tmp_path, name="run")
+    fit(model, steps=4, logger=logger, log_every_n_steps=2)
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("directpred/predictor/rankme")]
+    # written with solo-learn's own step metrics (Lightning labels a step's row with the steps before it)
+    assert [int(row["step"]) for row in rows] == [1, 3]
+    assert all(row["train_neg_cos_sim_step" if method == "byol" else "train_nnclr_loss_step"] for row in rows)
+    assert [float(row["directpred/predictor/num_updates"]) for row in rows] == [2.0, 4.0]
+    for row in rows:
+        assert float(row["directpred/predictor/alignment"]) == pytest.approx(1.0, abs=1e-6)
+        assert 1.0 <= float(row["directpred/predictor/rankme"]) <= 16
+        if method == "all4one":
+            assert 1.0 <= float(row["directpred/predictor2/rankme"]) <= 16
+    assert float(rows[-1]["directpred/predictor/rankme"]) == pytest.approx(model.predictor.diagnostics()["rankme"])
+
+
+@pytest.mark.timeout(300)
+def test_a_zero_logging_interval_logs_nothing(methods, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = methods["simsiam"](make_cfg("simsiam", predictor="directpred", directpred={"log_every_n_steps": 0}))
+    logger = CSVLogger(tmp_path, name="run")
+    fit(model, steps=2, logger=logger, log_every_n_steps=1)
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "train_neg_cos_sim_step" in header and "directpred/" not in header

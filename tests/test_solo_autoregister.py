@@ -146,7 +146,7 @@ def test_importing_solo_methods_registers_directpred_in_place():
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads(result.stdout)
     assert state["same_classes"]  # nothing swapped: solo-learn's classes, patched
-    assert state["init"] == state["check"] == "directpred_plugin.solo"
+    assert state["init"] == state["check"] == "directpred_plugin.solo.registration"
     assert state["loader"] == "_RegisteringLoader"
     assert (state["mlp"], state["directpred"]) == ("Sequential", "DirectPredHead")
 

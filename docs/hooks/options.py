@@ -110,12 +110,14 @@ def _lightly_options() -> Dict[str, Any]:
 
 def _solo_options() -> Dict[str, Any]:
     from directpred_plugin import solo
+    from directpred_plugin.solo.config import ADAPTER_DEFAULTS
 
     # A key left out gets the head's default (the chosen name's, for predictor: ns and the like);
-    # directpred_options fills in only what differs from the head: calls_per_update.
+    # directpred_options fills in only what differs from the head: calls_per_update. The
+    # adapter's own keys (the logging interval) have their defaults in the adapter.
     head = _head_options()
     given = solo.directpred_options({})
-    defaults = {**head, "stats_dtype": "float32", **given}
+    defaults = {**head, "stats_dtype": "float32", **ADAPTER_DEFAULTS, **given}
     return {name: defaults[name] for name in solo.DIRECTPRED_OPTIONS}
 
 
