@@ -1,6 +1,6 @@
 """DirectPred: a closed-form predictor head for BYOL/SimSiam-style self-supervised learning.
 
-The core is :class:`DirectPredHead`; ``directpred_plugin.lightly`` and
+The core is `DirectPredHead`; ``directpred_plugin.lightly`` and
 ``directpred_plugin.solo`` adapt it to lightly and solo-learn.
 """
 

@@ -40,7 +40,7 @@ __all__ = ["DirectPredDiagnostics"]
 class DirectPredDiagnostics(LightningCallback, PytorchLightningCallback):  # type: ignore[misc]
     """Lightning callback logging the diagnostics of every DirectPredHead in the model.
 
-    Every ``every_n_steps`` optimizer steps it logs :meth:`DirectPredHead.diagnostics`
+    Every ``every_n_steps`` optimizer steps it logs `DirectPredHead.diagnostics`
     (RankMe of the projections, eigenspace alignment, spectrum summary of ``F_hat`` and
     ``W_p``, update and skip counters) through all of the Trainer's loggers, as
     ``{prefix}/{head name}/{diagnostic}`` at ``step=trainer.global_step``, with one read

@@ -1,7 +1,7 @@
 """The head's arithmetic as pure functions: the moments of a batch, the EMA fold, the pool's
 sum over ranks, the normalisation every rule reads, and the diagnostics of the DirectPred paper.
 
-Nothing here holds state; :class:`~directpred_plugin.DirectPredHead` owns the tensors these
+Nothing here holds state; `DirectPredHead` owns the tensors these
 functions read and write, as ``torch.nn.BatchNorm`` does for ``F.batch_norm``.
 """
 
@@ -99,7 +99,7 @@ def eigenspace_alignment(weight: Tensor, corr: Tensor) -> Tensor:
 
 
 def alignment_from_eigh(weight: Tensor, eigenvalues: Tensor, eigenvectors: Tensor) -> Tensor:
-    """:func:`eigenspace_alignment` from an eigendecomposition of ``corr`` already at hand (float64)."""
+    """`eigenspace_alignment` from an eigendecomposition of ``corr`` already at hand (float64)."""
     w64 = weight.detach().to(device=eigenvectors.device, dtype=torch.float64)
     mapped = w64 @ eigenvectors
     cosine = (eigenvectors * mapped).sum(dim=0).abs() / mapped.norm(dim=0).clamp_min(1e-300)

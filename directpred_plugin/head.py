@@ -147,7 +147,7 @@ class DirectPredHead(nn.Module):
     def check_options(dim: int, **options: Any) -> Dict[str, Any]:
         """What ``DirectPredHead(dim, **options)`` would be built with, validated without building it.
 
-        The signature's defaults for the options not given, then :func:`~directpred_plugin.options.check_head_options`:
+        The signature's defaults for the options not given, then `check_head_options`:
         the same ``ValueError`` the constructor raises (``TypeError`` for an unknown option), and
         the options cleaned as it returns them. Adapters check a configuration with it before
         they build a model.
@@ -370,8 +370,8 @@ class DirectPredHead(nn.Module):
                 "thorough_refreshes": float(steps.thorough_refreshes)}
 
     def diagnostics(self) -> Dict[str, float]:
-        """Scalars for logging, named after the state they read: :meth:`diagnostic_tensors`, read
-        from the device at once, and :meth:`schedule_counts`."""
+        """Scalars for logging, named after the state they read: `diagnostic_tensors`, read
+        from the device at once, and `schedule_counts`."""
         return read_diagnostics([self])[0]
 
     # ------------------------------------------------------------------ bookkeeping
@@ -502,7 +502,7 @@ class DirectPredHead(nn.Module):
 
 
 def read_diagnostics(heads: Sequence[DirectPredHead]) -> List[Dict[str, float]]:
-    """:meth:`DirectPredHead.diagnostics` of every head, with one host read per device the heads are on."""
+    """`DirectPredHead.diagnostics` of every head, with one host read per device the heads are on."""
     tensors = [head.diagnostic_tensors() for head in heads]
     by_device: Dict[torch.device, List[int]] = {}
     for index, values in enumerate(tensors):

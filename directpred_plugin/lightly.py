@@ -1,13 +1,13 @@
 """lightly adapter: DirectPred as a drop-in for lightly's prediction heads.
 
-- :class:`DirectPredPredictionHead`: the one-line replacement for ``BYOLPredictionHead`` /
+- `DirectPredPredictionHead`: the one-line replacement for ``BYOLPredictionHead`` /
   ``SimSiamPredictionHead`` (needs neither lightly nor Lightning).
-- :func:`replace_prediction_heads`: swap the prediction heads of an existing model in place.
-- :class:`~directpred_plugin.callbacks.DirectPredDiagnostics`: a Lightning callback logging
-  the heads' diagnostics (defined in :mod:`directpred_plugin.callbacks`, re-exported here).
+- `replace_prediction_heads`: swap the prediction heads of an existing model in place.
+- `DirectPredDiagnostics`: a Lightning callback logging
+  the heads' diagnostics (defined in `directpred_plugin.callbacks`, re-exported here).
 
 lightly and Lightning are imported only by the parts that need them; they come with the
-package's ``lightly`` extra (see :data:`INSTALL_HINT`).
+package's ``lightly`` extra (see `INSTALL_HINT`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ INSTALL_HINT = (
     'or pip install "directpred-plugin[lightly] @ git+<repository URL>"'
 )
 
-#: Names of the classes in ``lightly.models.modules.heads`` that :func:`replace_prediction_heads`
+#: Names of the classes in ``lightly.models.modules.heads`` that `replace_prediction_heads`
 #: swaps by default. BYOL's and SimSiam's predictors (FastSiam reuses SimSiam's) are the
 #: setting the paper analyses: a square map on the online branch only, regressed onto a
 #: stop-gradient target. NNCLR's predictor has the same place and shape but a contrastive
@@ -65,7 +65,7 @@ class DirectPredPredictionHead(DirectPredHead):
         hidden_dim: Ignored: DirectPred has no hidden layer. Accepted so that the MLP
             head's arguments can stay as they are.
         output_dim: Must equal ``input_dim`` if given (``W_p`` is square).
-        **options: Any other :class:`DirectPredHead` option (``rho``, ``eps``, ``freq``, ...).
+        **options: Any other `DirectPredHead` option (``rho``, ``eps``, ``freq``, ...).
 
     Examples:
         >>> # BYOL: was BYOLPredictionHead(256, 4096, 256)
@@ -100,7 +100,7 @@ class DirectPredPredictionHead(DirectPredHead):
 
 # --------------------------------------------------------------------------- swap helper
 class ReplacedHead(NamedTuple):
-    """One head swapped by :func:`replace_prediction_heads`."""
+    """One head swapped by `replace_prediction_heads`."""
 
     name: str
     """Qualified name of the head in the model (the first one, if it is registered twice)."""
@@ -111,7 +111,7 @@ class ReplacedHead(NamedTuple):
 
 
 def lightly_prediction_head_types() -> Tuple[Type[nn.Module], ...]:
-    """lightly's classes named in :data:`LIGHTLY_PREDICTION_HEADS` (imports lightly)."""
+    """lightly's classes named in `LIGHTLY_PREDICTION_HEADS` (imports lightly)."""
     try:
         heads = importlib.import_module("lightly.models.modules.heads")
     except ImportError as err:
@@ -133,7 +133,7 @@ def replace_prediction_heads(
 
     For models whose class you cannot edit. Each head that is an instance of
     ``head_types`` (default: lightly's ``BYOLPredictionHead``, ``SimSiamPredictionHead``
-    and ``NNCLRPredictionHead``) is swapped for a :class:`DirectPredPredictionHead` whose
+    and ``NNCLRPredictionHead``) is swapped for a `DirectPredPredictionHead` whose
     width is the ``in_features`` of the head's first ``nn.Linear``; the head must map that
     width onto itself. The new head is put on the old one's device and in its
     train/eval mode; a head registered under several names is replaced by one shared
@@ -147,12 +147,12 @@ def replace_prediction_heads(
         head_types: A class, or a sequence of classes, to replace instead of lightly's
             predictors. Giving them means lightly need not be installed.
         predictor: Which closed-form predictor replaces them: a name of
-            :data:`directpred_plugin.VARIANTS` (``"directpred"``, ``"directcopy"``, ``"ns"``,
+            `directpred_plugin.VARIANTS` (``"directpred"``, ``"directcopy"``, ``"ns"``,
             ...), with that name's defaults.
-        **options: :class:`DirectPredHead` options for every new head, e.g. ``rho=0.5``.
+        **options: `DirectPredHead` options for every new head, e.g. ``rho=0.5``.
 
     Returns:
-        One :class:`ReplacedHead` ``(name, old, new)`` per replaced head, in module order.
+        One `ReplacedHead` ``(name, old, new)`` per replaced head, in module order.
 
     Raises:
         ImportError: ``head_types`` not given and lightly not installed.

@@ -53,11 +53,11 @@ class IsoLoss(nn.Module):
     (solo-learn's BYOL loss ``2 - 2 cos``); this one matches lightly's
     ``NegativeCosineSimilarity`` (``-cos``), so it is a drop-in replacement there.
 
-    The cosine form reads ``head.weight`` when the loss is called. ``DirectPredHead``
-    may refresh its weight inside ``head(z)`` after computing ``p``; the gradient is then
-    taken with the refreshed ``W_p`` while ``p`` used the previous one (the authors
-    compute both from the same ``W_p``). They agree when the call did not refresh
-    (``freq > 1`` between refreshes, ``calls_per_update > 1`` before the last view).
+    The cosine form reads ``head.weight`` when the loss is called. With
+    ``calls_per_update="auto"`` (the head's default) ``W_p`` is refreshed after the optimizer
+    step, so ``p`` and the gradient use the same ``W_p``, as in the authors' code. With an
+    integer ``calls_per_update`` a refresh may happen inside ``head(z)`` after ``p`` was
+    computed, and the gradient is then taken with the refreshed ``W_p``.
 
     - [0]: Halvagal, Laborieux & Zenke, "Implicit variance regularization in
       non-contrastive SSL", NeurIPS 2023, https://neurips.cc/virtual/2023/poster/69901;
@@ -65,11 +65,12 @@ class IsoLoss(nn.Module):
 
     Args:
         head: The predictor; any module with a square ``.weight`` that maps ``z`` to
-            ``p`` (e.g. :class:`directpred_plugin.DirectPredHead`). The weight must not
+            ``p`` (e.g. `directpred_plugin.DirectPredHead`). The weight must not
             require grad (``trainable=False``): IsoLoss gives it no gradient.
         form: ``"cosine"`` or ``"l2"``.
 
-    Example (lightly BYOL, replacing ``criterion = NegativeCosineSimilarity()``):
+    Examples:
+        >>> # lightly's BYOL, replacing criterion = NegativeCosineSimilarity()
         >>> head = DirectPredHead(dim=256)
         >>> criterion = IsoLoss(head)
         >>> z0, z1 = projection_head(backbone(x0)), projection_head(backbone(x1))

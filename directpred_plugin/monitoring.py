@@ -1,8 +1,8 @@
 """The diagnostics of a model's DirectPred heads, named as both adapters log them.
 
-:func:`head_metrics` names every head's :meth:`~directpred_plugin.DirectPredHead.diagnostics`
+`head_metrics` names every head's `diagnostics`
 ``{prefix}/{head name}/{diagnostic}`` and reads them all from the device at once, for
-lightly's :class:`~directpred_plugin.lightly.DirectPredDiagnostics` and the solo-learn methods.
+lightly's `DirectPredDiagnostics` and the solo-learn methods.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every option the head, its refresh and the adapters take, validated in one place.
 
-:func:`check_head_options` checks each :class:`~directpred_plugin.DirectPredHead` option on
+`check_head_options` checks each `DirectPredHead` option on
 its own and against the others (an option that means nothing for the chosen variant is
 refused, not ignored) and returns them cleaned. The ``check_*``
 helpers are the single source of the messages: ``"<name> must be <what>, got <value>"``.

@@ -1,19 +1,19 @@
 """How a head turns its statistics into ``W_p`` at a refresh: candidates and their use.
 
 A candidate function maps the scale-normalised statistics
-(:func:`~directpred_plugin.functional.normalise_statistics`), a variant and its rule options
+(`normalise_statistics`), a variant and its rule options
 to ``(W_p, usable)``, ``usable`` a 0-dim boolean tensor; ``DirectPredHead(refresh=...)``
 picks one by name:
 
-- ``"exact"``: :func:`exact_candidate`, the variant's own rule (an eigendecomposition for
+- ``"exact"``: `exact_candidate`, the variant's own rule (an eigendecomposition for
   spectral rules);
-- ``"iterative"``: :func:`iterative_candidate`, matrix products only, under a certified error
-  bound (options: :data:`ITERATIVE_DEFAULTS`);
-- ``"auto"``: exact on the CPU, iterative on accelerators (:func:`uses_iterative`).
+- ``"iterative"``: `iterative_candidate`, matrix products only, under a certified error
+  bound (options: `ITERATIVE_DEFAULTS`);
+- ``"auto"``: exact on the CPU, iterative on accelerators (`uses_iterative`).
 
-:func:`refresh_weight_` applies a candidate to ``W_p`` in place, decided on the device.
+`refresh_weight_` applies a candidate to ``W_p`` in place, decided on the device.
 After a refused iterative candidate the head's next refresh computes the thorough one
-(:func:`thorough_options`), and after a refused thorough one the exact rule.
+(`thorough_options`), and after a refused thorough one the exact rule.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _sqrt_schedule(floor: float, steps: int) -> Tuple[Tuple[float, float], ...]:
 
 @lru_cache(maxsize=None)
 def _converged_steps(floor: float) -> int:
-    """Steps after which :func:`_sqrt_schedule`'s interval ``[ell, 1]`` is 1 to float64 rounding.
+    """Steps after which `_sqrt_schedule`'s interval ``[ell, 1]`` is 1 to float64 rounding.
 
     Fewer steps leave the iterate short of the root; more are classical Newton-Schulz steps on
     an iterate that has converged, where the coupled iteration amplifies rounding on
@@ -159,14 +159,14 @@ def _converged_steps(floor: float) -> int:
 
 #: The square root is taken of ``A / U + shift I`` with ``shift`` this many units of rounding of
 #: the compute dtype: float32 statistics of a rank-deficient EMA have eigenvalues down to about
-#: ``-1e-7`` of the top, where an unshifted iteration diverges (see :func:`_negative_part_bound`).
+#: ``-1e-7`` of the top, where an unshifted iteration diverges (see `_negative_part_bound`).
 SHIFT_UNITS = 2.0
 #: Grid (log10 of the eigenvalue, points per decade) over which the scalar iteration is tabulated.
 _GRID_DECADES, _GRID_DENSITY = 30, 40
 
 
 def _scalar_iteration(a: Tensor, schedule: Tuple[Tuple[float, float], ...]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The coupled iteration of :meth:`IterativeRefresh.square_root` on each entry of ``a``.
+    """The coupled iteration of `IterativeRefresh.square_root` on each entry of ``a``.
 
     Returns ``(y, z, p)``: ``y`` and ``z`` as the matrix iteration leaves them on an eigenvalue
     ``a`` (``z`` without the last step's factor) and that last factor ``p``.
@@ -236,26 +236,26 @@ def iterative_candidate(stats: Tensor, variant: Variant, options: RuleOptions, *
       the Rayleigh quotient of ``B_k``'s largest column is a lower bound ``theta``. Both are
       bounds whatever the spectrum: no start vector can miss the top eigenvector.
     - DirectCopy: ``W_p = A / theta + eps I``; its error is at most ``(U - theta) / theta``
-      (more where ``tr A < 0``, see :func:`iterative_weight`).
+      (more where ``tr A < 0``, see `iterative_weight`).
     - DirectPred: ``sqrt(A / U + shift I)`` by a coupled Newton-Schulz iteration with per-step
-      scaled cubics (:func:`_sqrt_schedule`), which approaches the root from below on every
+      scaled cubics (`_sqrt_schedule`), which approaches the root from below on every
       eigenvalue in ``[0, 1]``; so there ``a - y^2 >= (sqrt(a) - y)^2`` and the trace
       ``tr(A/U) - ||Y||_F^2`` certifies the error (the trace certificate). Statistics are only
       symmetric, not PSD: float32 rounding leaves eigenvalues down to ~-1e-7 of the top, where
       the iteration diverges and the trace certificate undercounts. The shift of a few
       rounding units keeps those out of the diverging range, its cost is bounded, and the
       residual ``||Y^2 - A'||_F`` certifies that no eigenvalue lies deep enough below 0 to
-      matter (:func:`_square_root_error`). Rescaled by ``sqrt(U / theta)``, plus ``eps I``.
+      matter (`_square_root_error`). Rescaled by ``sqrt(U / theta)``, plus ``eps I``.
 
     The bound on ``||W - W_exact||_F / ||W_exact||_F`` is computed on the device; a
     candidate above ``tol`` (or non-finite) is refused and the head keeps its previous
     ``W_p`` and counts it (``refresh_rejections``); the refresh after the host learns of it
-    computes the thorough candidate (:func:`thorough_options`), and only if that is refused too the exact
+    computes the thorough candidate (`thorough_options`), and only if that is refused too the exact
     rule. Rules other than DirectSet with power 1/2 or 1 (eps outside)
     are evaluated exactly. Nothing is read on the host. The products run in IEEE float32
-    (or float64) whatever the user's TF32 setting (:func:`highest_matmul_precision`).
+    (or float64) whatever the user's TF32 setting (`highest_matmul_precision`).
 
-    Options (:data:`ITERATIVE_DEFAULTS`): ``tol`` the accepted bound, ``squarings`` the
+    Options (`ITERATIVE_DEFAULTS`): ``tol`` the accepted bound, ``squarings`` the
     bracket's repeated squarings, ``sqrt_steps`` and ``sqrt_floor`` the square root's
     schedule; ``compute_dtype`` float64 for the thorough form (None: the statistics' dtype).
     """
@@ -279,12 +279,12 @@ def thorough_options(options: Mapping[str, Any]) -> Dict[str, Any]:
     """The iterative options of the refresh after a refused one: as certain, more accurate, no host read.
 
     Computed in float64 (where the device has it; MPS does not), with
-    :data:`THOROUGH_EXTRA_SQUARINGS` more squarings and at least the square-root steps the
-    schedule needs to converge (:func:`_converged_steps`), cast back to the statistics'
+    `THOROUGH_EXTRA_SQUARINGS` more squarings and at least the square-root steps the
+    schedule needs to converge (`_converged_steps`), cast back to the statistics'
     dtype (the cast's rounding is added to the bound) and accepted under the same ``tol``.
     The floor stays: a lower one, or steps past convergence, make the certificate worse on
     rank-deficient statistics (measured in ``tests/test_refresh.py``). Its square-root
-    shift is float64's (:data:`SHIFT_UNITS`), far below the ~-1e-7 eigenvalues that rounding
+    shift is float64's (`SHIFT_UNITS`), far below the ~-1e-7 eigenvalues that rounding
     can leave in float32 statistics: where those are deep enough to make the iteration
     diverge, the residual certifies it, the candidate is refused and the exact rule follows.
     """
@@ -370,7 +370,7 @@ def _square_root(a: Tensor, schedule: Tuple[Tuple[float, float], ...]) -> Tuple[
     """Coupled Newton-Schulz ``(Y, Z)``: ``Y -> sqrt(a)``, ``Z -> a^(-1/2)`` (without the last step's factor).
 
     On an eigenvalue ``a`` in ``[0, 1]`` the iterate ``y = sqrt(a) s`` has ``s`` in ``[0, 1]``
-    (:func:`_sqrt_schedule`); on ``a < 0`` it diverges (:func:`_negative_part_bound`).
+    (`_sqrt_schedule`); on ``a < 0`` it diverges (`_negative_part_bound`).
     """
     y: Tensor = a
     z: Optional[Tensor] = None
@@ -397,16 +397,16 @@ def _square_root_error(a: Tensor, y: Tensor, z: Tensor, shift: float,
     - ``a >= 0``: ``0 <= f <= sqrt(a)``, so where ``f`` is below the target its squared
       error is at most ``a - f^2`` (the trace certificate's term, ``>= 0``), and elsewhere
       at most ``x(a) = (sqrt(a) - sqrt(max(a - shift, 0)))^2``. The ``x`` sum to at most
-      ``min(d shift, C shift^2 ||Z||_F^2)`` (:func:`_shift_constant`).
+      ``min(d shift, C shift^2 ||Z||_F^2)`` (`_shift_constant`).
     - ``a < 0``: the squared error is ``f^2``, while the certificate's term is
       ``-(|a| + f^2)``: twice ``N = sum(|a| + f^2)`` is added back, with
       ``N <= psi tr(I - Y Z)`` certified by the residual ``||Y^2 - a||_F >= lambda_max(Y^2 - a)``
-      (:func:`_negative_part_bound`): no eigenvalue below ``-m*`` can exist without a residual
+      (`_negative_part_bound`): no eigenvalue below ``-m*`` can exist without a residual
       larger than that.
 
     So ``||Y - target||_F^2 <= |tr(a) - ||Y||_F^2| + 2 psi tr(I - Y Z) + min(...)``: one
     product more than the square root (the residual), the rest traces and norms. The
-    shift of :data:`SHIFT_UNITS` rounding units keeps the ~-1e-7 eigenvalues of float32
+    shift of `SHIFT_UNITS` rounding units keeps the ~-1e-7 eigenvalues of float32
     statistics out of the diverging range. The certificate, a difference of two sums of
     about ``tr(a)``, counts at least ``u`` times them (below that it is rounding, of either
     sign); otherwise rounding is not bounded separately: the certificate and the residual

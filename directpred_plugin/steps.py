@@ -1,11 +1,11 @@
 """The host side of a head: when its steps end, which ``W_p`` each call used, what the host learns late.
 
-:class:`Steps` is the one Python object beside a head's buffers. It decides when a pool
+`Steps` is the one Python object beside a head's buffers. It decides when a pool
 closes (after an integer number of calls, at an optimizer step, or at a backward pass) and
 when a refresh is due and at which level, hands each call an immutable copy of ``W_p`` and
 remembers it for activation checkpointing's recomputation, runs the end of a step beside the
 backward pass on CUDA, and carries two device counters to the host one step late. What of it
-must survive a checkpoint is a handful of integers (:meth:`Steps.state`).
+must survive a checkpoint is a handful of integers (`Steps.state`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Steps:
     otherwise. Where no such parameter exists, the backward pass that reaches a call of the
     pool ends the step. An integer closes the pool after
     that many calls. Every ``freq``-th step is due a refresh. Nothing here reads the device
-    except :meth:`peek_counters` (a finished copy) and an ambiguous recomputation.
+    except `peek_counters` (a finished copy) and an ambiguous recomputation.
     """
 
     def __init__(self, freq: int, calls_per_update: Optional[int]) -> None:

@@ -1,9 +1,9 @@
-"""The closed-form family: one name table (:data:`VARIANTS`) and the rules behind its names.
+"""The closed-form family: one name table (`VARIANTS`) and the rules behind its names.
 
 Each member maps the scale-normalised correlation estimate to ``W_p``: the spectral rules
 (DirectPred, DirectCopy, DirectSet) through an eigendecomposition, the Edge-of-Orthogonality
 rules (``ns``, ``ns2``, ``stiefel``, ``visser``) through matrix products only. A name also
-stands for the head options it is meant with (:func:`variant_defaults`), so
+stands for the head options it is meant with (`variant_defaults`), so
 ``DirectPredHead(dim, variant=name)`` is that member as its paper runs it.
 
 - Tian, Chen & Ganguli, "Understanding self-supervised learning dynamics without contrastive
@@ -12,7 +12,7 @@ stands for the head options it is meant with (:func:`variant_defaults`), so
   self-supervision", 2021, https://arxiv.org/abs/2110.04947 (DirectCopy, DirectSet)
 - Richemond, Tam, Tang, Strub, Piot & Hill, "The Edge of Orthogonality: A Simple View of What
   Makes BYOL Tick", ICML 2023, https://arxiv.org/abs/2302.04817 (``ns``, ``ns2``, ``stiefel``,
-  ``visser``, :func:`neumann_predictor`)
+  ``visser``, `neumann_predictor`)
 
 The matrix-product functions are pure (inputs untouched), keep the input's device and dtype
 and read nothing on the host. Each iterate is a polynomial in ``Sigma``: it shares its
@@ -305,7 +305,7 @@ class Variant:
     takes: Tuple[str, ...] = ()
     """Rule options beyond ``eps`` that this member reads (``alpha``, ``eps_inside``)."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    """Head options the name stands for, over :data:`HEAD_DEFAULTS`."""
+    """Head options the name stands for, over `HEAD_DEFAULTS`."""
 
     def power(self, options: RuleOptions) -> Optional[float]:
         """The spectral power ``a`` for these options, or None (see ``spectral_power``)."""

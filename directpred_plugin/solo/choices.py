@@ -1,6 +1,6 @@
 """The values ``method_kwargs.predictor`` takes, and the member of the family a choice names.
 
-``mlp`` keeps solo-learn's own predictor; every name of :data:`directpred_plugin.VARIANTS`
+``mlp`` keeps solo-learn's own predictor; every name of `directpred_plugin.VARIANTS`
 builds ``DirectPredHead(dim, variant=name)`` with that name's defaults. A ``variant`` given
 beside ``predictor: directpred`` names the member as ``predictor: <member>`` does.
 """
@@ -19,7 +19,7 @@ MLP = "mlp"
 
 def predictor_choices() -> Dict[str, Optional[Dict[str, Any]]]:
     """The values ``method_kwargs.predictor`` accepts: ``mlp`` (None: the method's own predictor)
-    and every name of :data:`directpred_plugin.VARIANTS`, with the options that name stands for."""
+    and every name of `directpred_plugin.VARIANTS`, with the options that name stands for."""
     choices: Dict[str, Optional[Dict[str, Any]]] = {MLP: None}
     choices.update((name, {**VARIANTS[name].defaults, "variant": name}) for name in VARIANTS)
     return choices

@@ -1,10 +1,10 @@
 """Checks a solo-learn cfg's ``method_kwargs`` for the adapter once, before any module is built.
 
-:func:`check_method_kwargs` refuses every setting that would silently train something else
+`check_method_kwargs` refuses every setting that would silently train something else
 (an unknown predictor, a bad option, a misspelled key, IsoLoss where it cannot work) and
-stores the validated options back into the cfg; :func:`read_settings` gives what a model is
+stores the validated options back into the cfg; `read_settings` gives what a model is
 then built with. Nothing here builds a module: head options are checked by
-:meth:`DirectPredHead.check_options <directpred_plugin.DirectPredHead.check_options>`.
+`DirectPredHead.check_options <directpred_plugin.DirectPredHead.check_options>`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ __all__ = [
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-#: Keys of ``method_kwargs.directpred`` that are :class:`DirectPredHead` options (``stats_dtype``
+#: Keys of ``method_kwargs.directpred`` that are `DirectPredHead` options (``stats_dtype``
 #: as ``"float32"``/``"float64"``; ``calls_per_update: null`` means the calls per training step
-#: the method makes, see :data:`~directpred_plugin.solo.METHOD_PREDICTORS`).
+#: the method makes, see `METHOD_PREDICTORS`).
 HEAD_OPTIONS: Tuple[str, ...] = (
     "rho",
     "eps",
@@ -68,7 +68,7 @@ DIRECTPRED_OPTIONS: Tuple[str, ...] = HEAD_OPTIONS + tuple(ADAPTER_DEFAULTS)
 LOSSES = ("default", "isoloss")
 ISOLOSS_FORMS = ("cosine", "l2")
 
-#: cfgs that :func:`check_method_kwargs` validated, by identity: a model built from one is not checked again.
+#: cfgs that `check_method_kwargs` validated, by identity: a model built from one is not checked again.
 _VALIDATED: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
@@ -176,7 +176,7 @@ def check_method_kwargs(method: Optional[str], cfg: Any, warn: bool = True) -> A
     """Validate ``method_kwargs.predictor``, its options and the loss for solo-learn method ``method``.
 
     Runs inside solo-learn's ``add_and_assert_specific_cfg``, before any module is built;
-    stores back only validated values (see :func:`directpred_options`) and returns ``cfg``.
+    stores back only validated values (see `directpred_options`) and returns ``cfg``.
     """
     kwargs = cfg.method_kwargs
     _refuse_lookalike_keys(kwargs)

@@ -1,8 +1,8 @@
 """Puts the chosen DirectPred heads into a solo-learn model's predictor slots, and says so on stderr.
 
-:func:`install_predictors` replaces each predictor :data:`METHOD_PREDICTORS` lists by a head
-of the same width and logs one INFO line per head (:func:`log_to_stderr` shows it where
-solo-learn's configs turn hydra's logging off); :func:`drop_empty_groups` keeps the
+`install_predictors` replaces each predictor `METHOD_PREDICTORS` lists by a head
+of the same width and logs one INFO line per head (`log_to_stderr` shows it where
+solo-learn's configs turn hydra's logging off); `drop_empty_groups` keeps the
 optimizer's parameter groups valid once a head without parameters took an MLP's place.
 """
 
@@ -35,7 +35,7 @@ def build_directpred(dim: int, options: Mapping[str, Any], calls_per_step: int,
     """The head ``method_kwargs.predictor: <predictor>`` puts in a solo-learn predictor slot.
 
     Built as ``DirectPredHead(dim, variant=predictor, ...)`` from ``options`` (validated by
-    :func:`directpred_options`). Unless ``calls_per_update`` is set, the head pools the
+    `directpred_options`). Unless ``calls_per_update`` is set, the head pools the
     calls between two optimizer steps: all views and micro-batches of a step are predicted
     with the same ``W_p``, the EMA takes one step from their pooled correlation and ``freq``
     counts optimizer steps, as in the paper. ``calls_per_update: null`` pools ``calls_per_step``

@@ -1,7 +1,7 @@
 """IsoLoss in a solo-learn method's training step, for one model only.
 
-:class:`IsoLossStep` runs the method's own ``training_step`` as a copy whose global loss
-function (:data:`~directpred_plugin.solo.ISOLOSS_METHODS`) is IsoLoss; solo-learn's module
+`IsoLossStep` runs the method's own ``training_step`` as a copy whose global loss
+function (`ISOLOSS_METHODS`) is IsoLoss; solo-learn's module
 is never changed, so every other model in the process, on any thread, keeps solo-learn's loss.
 """
 
@@ -22,7 +22,7 @@ class IsoLossStep:
     """The training step of one model with ``method_kwargs.loss: isoloss``.
 
     IsoLoss needs the predictor's input next to the prediction solo-learn hands its loss:
-    :meth:`record` is a forward hook of the predictor that keeps them, during a step only.
+    `record` is a forward hook of the predictor that keeps them, during a step only.
     """
 
     def __init__(self, isoloss: IsoLoss, slot: IsoLossSlot) -> None:

@@ -9,7 +9,7 @@ Lightning starts DDP workers by re-running the command of the main module: ``pyt
 ``None``. A plain ``runpy.run_path`` leaves ``__spec__`` at ``None``, so the workers would
 run the bare script without the registration. The launcher instead gives the script a
 ``__main__`` module whose ``__spec__`` names this launcher and hands the script path to the
-workers in :data:`SCRIPT_ENV`: each worker re-enters the launcher, registers and runs the
+workers in `SCRIPT_ENV`: each worker re-enters the launcher, registers and runs the
 same script.
 """
 
@@ -46,7 +46,7 @@ def resolve_script(args: Sequence[str], environ: Mapping[str, str]) -> Tuple[str
 
     A first argument ending in ``.py`` is the script (it must exist); otherwise this is a
     worker started by Lightning, which passes only the script's arguments, and the script
-    comes from :data:`SCRIPT_ENV`.
+    comes from `SCRIPT_ENV`.
     """
     if args and args[0].endswith(".py"):
         script = os.path.abspath(args[0])

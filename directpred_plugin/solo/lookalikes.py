@@ -1,7 +1,7 @@
 """Keys of ``method_kwargs`` that look like the adapter's own but are not: misspellings that would be ignored.
 
 solo-learn never checks ``method_kwargs``, so ``direct_pred: {rho: 0.9}`` beside
-``predictor: directpred`` would train with the default ``rho``; :func:`meant_key` says which
+``predictor: directpred`` would train with the default ``rho``; `meant_key` says which
 of the adapter's keys such a key resembles, so that the cfg check can stop the run.
 """
 
@@ -41,7 +41,7 @@ def _edit_distance(a: str, b: str) -> int:
 def meant_key(key: str) -> Optional[str]:
     """The adapter's key that ``key`` looks like a misspelling of, or None.
 
-    ``key`` resembles one of :data:`ADAPTER_KEYS` when, ignoring case, ``_`` and ``-``, it
+    ``key`` resembles one of `ADAPTER_KEYS` when, ignoring case, ``_`` and ``-``, it
     equals it, contains ``directpred``, or is within one edit per five letters of it; a
     member's name (``ns: {freq: 2}``) resembles ``directpred``, where every member's options go.
     None of solo-learn's own ``method_kwargs`` keys resembles one.

@@ -1,7 +1,7 @@
 """The solo-learn methods the adapter knows: where their predictors are and which loss IsoLoss stands in for.
 
-:data:`METHOD_PREDICTORS` names each method's predictor attributes and how often a training
-step calls each; :data:`ISOLOSS_METHODS` names the loss function each method's
+`METHOD_PREDICTORS` names each method's predictor attributes and how often a training
+step calls each; `ISOLOSS_METHODS` names the loss function each method's
 ``training_step`` calls on ``(p, z_target)`` and how IsoLoss's value maps onto it.
 """
 

@@ -74,7 +74,7 @@ def register() -> None:
     checkpoint trained with another predictor. ``METHODS[...](cfg)``, ``solo.methods.BYOL(cfg)``
     and subclasses all get it. Without ``method_kwargs.predictor`` the model is the method's
     own, module for module. Removes the guard the start-up hook installs when it is turned
-    off. Idempotent; :func:`unregister` restores solo-learn's classes.
+    off. Idempotent; `unregister` restores solo-learn's classes.
 
     Raises ``ImportError`` with install instructions when solo-learn is missing.
     """
@@ -90,7 +90,7 @@ def register() -> None:
 
 
 def unregister() -> None:
-    """Undo :func:`register`: solo-learn's classes and ``AutoResumer.SHOULD_MATCH`` as they were.
+    """Undo `register`: solo-learn's classes and ``AutoResumer.SHOULD_MATCH`` as they were.
 
     Models built while registered keep their DirectPred heads but lose the patched methods.
     """

@@ -1,7 +1,7 @@
 """A run resumes only from a checkpoint trained with the same predictor.
 
-:data:`RESUME_MUST_MATCH` are the cfg keys :func:`~directpred_plugin.solo.register` adds to
-solo-learn's ``AutoResumer.SHOULD_MATCH``; :func:`check_checkpoint_predictors` refuses to load
+`RESUME_MUST_MATCH` are the cfg keys `register` adds to
+solo-learn's ``AutoResumer.SHOULD_MATCH``; `check_checkpoint_predictors` refuses to load
 a checkpoint whose predictor is a DirectPred head into a model built with the MLP, or back.
 """
 
