@@ -53,7 +53,7 @@ class Framework:
 #: Framework name -> the methods it builds.
 FRAMEWORKS: Dict[str, Framework] = {
     "lightly": Framework({"byol": LightlyBYOL, "simsiam": LightlySimSiam}),
-    # solo-learn's own BYOL, the predictor chosen through its YAML key (benchmarks/solo_byol.py).
+    # solo-learn's own BYOL, the predictor chosen through its YAML key (directpred_plugin/benchmarks/solo_byol.py).
     "solo": Framework({"byol": SoloBYOL}, expresses=_solo_expressible, backbones=tuple(SOLO_BACKBONES),
                       require=require_solo),
 }
