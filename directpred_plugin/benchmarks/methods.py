@@ -1,21 +1,52 @@
-"""The self-supervised methods ``compare`` trains, per framework, with the predictor swapped per run.
-
-Every model offers the interface the training loop drives: ``training_loss(x0, x1) ->
-(loss, online projections of x0)``, ``update_target(momentum)`` (a no-op without a
-target network), ``encode(x)`` (backbone features), ``project(x)`` (online projections)
-and ``predictor``.
+"""The self-supervised methods the benchmarks train, with the predictor swapped per run:
+:class:`Method` is the interface the training loop and ``step`` drive, and the lightly
+models here implement it.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Iterator, Protocol, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .predictors import build_predictor
+
+
+M = TypeVar("M", bound="Method")
+
+
+class Method(Protocol):
+    """A self-supervised model as the benchmarks drive it (an ``nn.Module``)."""
+
+    @property
+    def predictor(self) -> nn.Module:
+        """The prediction head the benchmark swaps."""
+
+    def training_loss(self, x0: Tensor, x1: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(loss, online projections of x0)`` for one pair of views."""
+
+    def update_target(self, momentum: float) -> None:
+        """One EMA step of the target network (nothing without one)."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Backbone features, flat: what the probes see."""
+
+    def project(self, x: Tensor) -> Tensor:
+        """Online projections: what the collapse and alignment measures see."""
+
+    # the nn.Module methods the benchmarks call
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def buffers(self, recurse: bool = True) -> Iterator[Tensor]: ...
+
+    def train(self: M, mode: bool = True) -> M: ...
+
+    def eval(self: M) -> M: ...
+
+    def to(self: M, device: torch.device) -> M: ...
 
 
 @dataclass
