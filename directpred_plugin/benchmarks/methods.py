@@ -82,25 +82,39 @@ class LightlyModel(nn.Module):
 
 
 class LightlyBYOL(LightlyModel):
-    """BYOL as lightly's ``examples/pytorch/byol.py`` builds it (``BYOLProjectionHead``, EMA target,
-    ``NegativeCosineSimilarity``), the prediction head from :func:`~.predictors.build_predictor`."""
+    """BYOL as lightly's ``examples/pytorch/byol.py`` builds it: an EMA target copy of backbone
+    and projection head, ``NegativeCosineSimilarity`` between each view's prediction and the
+    other view's target.
 
-    def __init__(self, cfg: MethodConfig) -> None:
+    Built from its three parts, so that the benchmarks (:meth:`from_config`), the tests and
+    the integration recipes share this one definition whatever backbone they use.
+    """
+
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module, prediction_head: nn.Module) -> None:
         super().__init__()
         from lightly.loss import NegativeCosineSimilarity
-        from lightly.models.modules.heads import BYOLProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
-        from .backbones import build_backbone
-
-        self.backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
-        self.projection_head = BYOLProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
-        self.prediction_head = build_predictor(cfg.predictor, cfg.proj_dim, cfg.hidden_dim, "byol")
+        self.backbone = backbone
+        self.projection_head = projection_head
+        self.prediction_head = prediction_head
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NegativeCosineSimilarity()
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig) -> "LightlyBYOL":
+        """lightly's ``BYOLProjectionHead``; the predictor from :func:`~.predictors.build_predictor`."""
+        from lightly.models.modules.heads import BYOLProjectionHead
+
+        from .backbones import build_backbone
+
+        # built in this order, so that a seed gives every predictor the same backbone and projector
+        backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
+        projection_head = BYOLProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
+        return cls(backbone, projection_head, build_predictor(cfg.predictor, cfg.proj_dim, cfg.hidden_dim, "byol"))
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         z = self.project(x)
@@ -111,9 +125,12 @@ class LightlyBYOL(LightlyModel):
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
     def training_loss(self, x0: Tensor, x1: Tensor) -> Tuple[Tensor, Tensor]:
+        # in the order of lightly's example (the target's BatchNorm statistics follow it)
         p0, z0 = self(x0)
+        target0 = self.forward_momentum(x0)
         p1, _ = self(x1)
-        loss = 0.5 * (self.criterion(p0, self.forward_momentum(x1)) + self.criterion(p1, self.forward_momentum(x0)))
+        target1 = self.forward_momentum(x1)
+        loss = 0.5 * (self.criterion(p0, target1) + self.criterion(p1, target0))
         return loss, z0
 
     @torch.no_grad()
@@ -125,21 +142,31 @@ class LightlyBYOL(LightlyModel):
 
 
 class LightlySimSiam(LightlyModel):
-    """SimSiam as lightly's ``examples/pytorch/simsiam.py`` builds it: ``SimSiamProjectionHead``, no
-    target network, stop-gradient on the projections, symmetric negative cosine. The MLP
-    predictor is ``SimSiamPredictionHead`` with the paper's 4x bottleneck (``proj_dim // 4``)."""
+    """SimSiam as lightly's ``examples/pytorch/simsiam.py`` builds it: no target network,
+    stop-gradient on the projections, symmetric negative cosine; built from its three parts
+    like :class:`LightlyBYOL`."""
 
-    def __init__(self, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module, prediction_head: nn.Module) -> None:
         super().__init__()
         from lightly.loss import NegativeCosineSimilarity
+
+        self.backbone = backbone
+        self.projection_head = projection_head
+        self.prediction_head = prediction_head
+        self.criterion = NegativeCosineSimilarity()
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig) -> "LightlySimSiam":
+        """lightly's ``SimSiamProjectionHead``; the MLP predictor is ``SimSiamPredictionHead`` with
+        the paper's 4x bottleneck (``proj_dim // 4``)."""
         from lightly.models.modules.heads import SimSiamProjectionHead
 
         from .backbones import build_backbone
 
-        self.backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
-        self.projection_head = SimSiamProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
-        self.prediction_head = build_predictor(cfg.predictor, cfg.proj_dim, max(cfg.proj_dim // 4, 1), "simsiam")
-        self.criterion = NegativeCosineSimilarity()
+        backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
+        projection_head = SimSiamProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
+        prediction_head = build_predictor(cfg.predictor, cfg.proj_dim, max(cfg.proj_dim // 4, 1), "simsiam")
+        return cls(backbone, projection_head, prediction_head)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         z = self.project(x)

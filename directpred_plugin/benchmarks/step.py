@@ -32,8 +32,8 @@ STEP_BACKBONES: Dict[str, Tuple[str, int]] = {
 
 #: ``--methods`` name -> (model class, projection width, projector hidden width).
 METHODS: Dict[str, Tuple[Callable[[MethodConfig], Method], int, int]] = {
-    "byol": (LightlyBYOL, 256, 4096),
-    "simsiam": (LightlySimSiam, 2048, 2048),
+    "byol": (LightlyBYOL.from_config, 256, 4096),
+    "simsiam": (LightlySimSiam.from_config, 2048, 2048),
 }
 
 DEFAULT_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
