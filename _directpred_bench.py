@@ -8,7 +8,7 @@ library only, and :func:`main` imports the chosen benchmark
 needs are known to be installed.
 
 Where an option's default or choices are also a value of the benchmark code (a registry's
-names, a dataclass default), the value is written here and ``tests/test_cli_help.py`` checks
+names, a dataclass default), the value is written here and ``tests/benchmarks/test_cli_help.py`` checks
 it against the code.
 """
 

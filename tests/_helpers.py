@@ -1,4 +1,4 @@
-"""Shared test helpers: batches, one training-mode call, state snapshots and a tiny BYOL model."""
+"""Shared test helpers: batches, one training-mode call, state snapshots and a tiny SimSiam step."""
 
 import copy
 
@@ -42,8 +42,13 @@ def _same(a, b):
     return a == b
 
 
-class TinyBYOL(nn.Module):
-    """Backbone, projector and a predictor head, called once per view as lightly does."""
+class TinySimSiam(nn.Module):
+    """SimSiam's step around a head under test: ``model(x0, x1) -> (loss, p0, p1)``, one module.
+
+    Not the benchmarks' shared SimSiam (``benchmarks.methods.LightlySimSiam``): the head's
+    tests compile, checkpoint and explain the whole step as one ``forward`` and reach into
+    ``head`` and ``embed``, and ``test_sync``/``test_refresh`` run without lightly.
+    """
 
     def __init__(self, head, dim=DIM):
         super().__init__()

@@ -1,21 +1,18 @@
-"""A tiny BYOL LightningModule built from lightly's modules, for the lightly adapter tests.
+"""A tiny BYOL LightningModule, for the lightly adapter tests.
 
-It has the shape of lightly's Lightning BYOL example (backbone, BYOL projection head,
-prediction head, EMA target updated with lightly's helpers) with an MLP backbone and
-fixed two-view data so that a few steps run in well under a second on CPU.
+The benchmarks' BYOL (:class:`~directpred_plugin.benchmarks.methods.LightlyBYOL`) trained
+as lightly's Lightning BYOL example trains it, with an MLP backbone and fixed two-view data
+so that a few steps run in well under a second on CPU.
 """
-
-import copy
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 
+from directpred_plugin.benchmarks.methods import LightlyBYOL
 from directpred_plugin.lightly import DirectPredPredictionHead
 
 INPUT_DIM = 12
@@ -40,37 +37,23 @@ class TwoViews(Dataset):
 
 
 def byol_class(pl):
-    """The BYOL LightningModule for the Lightning flavour ``pl`` (``pytorch_lightning`` or ``lightning.pytorch``)."""
+    """The BYOL LightningModule for the Lightning flavour ``pl`` (``pytorch_lightning`` or ``lightning.pytorch``):
+    the benchmarks' BYOL (one definition) with lightly's Lightning example's training step."""
 
-    class TinyBYOL(pl.LightningModule):
+    class TinyBYOL(LightlyBYOL, pl.LightningModule):
         def __init__(self, head="directpred", **head_options):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Linear(INPUT_DIM, FEATURE_DIM), nn.ReLU())
-            self.projection_head = BYOLProjectionHead(FEATURE_DIM, 32, DIM)
+            backbone = nn.Sequential(nn.Linear(INPUT_DIM, FEATURE_DIM), nn.ReLU())
+            projection_head = BYOLProjectionHead(FEATURE_DIM, 32, DIM)
             if head == "directpred":  # the MLP line below with the class renamed
-                self.prediction_head = DirectPredPredictionHead(DIM, 32, DIM, **head_options)
+                prediction_head = DirectPredPredictionHead(DIM, 32, DIM, **head_options)
             else:  # lightly's MLP, for the swap helper
-                self.prediction_head = BYOLPredictionHead(DIM, 32, DIM)
-            self.backbone_momentum = copy.deepcopy(self.backbone)
-            self.projection_head_momentum = copy.deepcopy(self.projection_head)
-            deactivate_requires_grad(self.backbone_momentum)
-            deactivate_requires_grad(self.projection_head_momentum)
-            self.criterion = NegativeCosineSimilarity()
-
-        def forward(self, x):
-            return self.prediction_head(self.projection_head(self.backbone(x)))
-
-        def forward_momentum(self, x):
-            return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+                prediction_head = BYOLPredictionHead(DIM, 32, DIM)
+            super().__init__(backbone, projection_head, prediction_head)
 
         def training_step(self, batch, batch_idx):
-            momentum = cosine_schedule(self.current_epoch, 10, 0.996, 1)
-            update_momentum(self.backbone, self.backbone_momentum, m=momentum)
-            update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+            self.update_target(cosine_schedule(self.current_epoch, 10, 0.996, 1))
             (x0, x1) = batch[0]
-            p0, z0 = self.forward(x0), self.forward_momentum(x0)
-            p1, z1 = self.forward(x1), self.forward_momentum(x1)
-            loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+            loss, _ = self.training_loss(x0, x1)
             self.log("train_loss", loss)
             return loss
 

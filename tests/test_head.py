@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from _helpers import DIM, TinyBYOL, assert_same_state, call, make_batches, sgd_step, snapshot, views
+from _helpers import DIM, TinySimSiam, assert_same_state, call, make_batches, sgd_step, snapshot, views
 from _lightly_models import TwoViews, byol_class, quiet_trainer_options
 from _reference import ReferenceHead, directpred_matrix
 from directpred_plugin import DirectPredHead
@@ -395,7 +395,7 @@ def test_diagnostics_report_alignment_collapse_and_spectra():
 )
 def test_compiled_byol_steps_match_eager_without_recompiling(device, trainable, refresh, backend):
     torch.manual_seed(0)
-    eager = TinyBYOL(DirectPredHead(DIM, trainable=trainable, freq=2 if trainable else 1, refresh=refresh, calls_per_update="auto")).to(device)
+    eager = TinySimSiam(DirectPredHead(DIM, trainable=trainable, freq=2 if trainable else 1, refresh=refresh, calls_per_update="auto")).to(device)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend=backend)
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.05)
@@ -425,7 +425,7 @@ def test_compiled_byol_steps_match_eager_without_recompiling(device, trainable, 
 
 def test_training_step_breaks_the_graph_at_most_once_per_head_call():
     torch._dynamo.reset()
-    model = TinyBYOL(DirectPredHead(DIM, refresh="iterative", calls_per_update="auto"))
+    model = TinySimSiam(DirectPredHead(DIM, refresh="iterative", calls_per_update="auto"))
     explanation = torch._dynamo.explain(model)(*views(0, "cpu"))
     print(f"\ndynamo explain, training step with two head calls: graphs={explanation.graph_count} "
           f"graph_breaks={explanation.graph_break_count}")
@@ -463,7 +463,7 @@ def checkpointed_step(model, x0, x1, mode):
 @pytest.mark.parametrize("trainable, calls_per_update", [(False, "auto"), (False, 2), (True, "auto")])
 def test_non_reentrant_checkpointing_gives_the_gradients_of_the_unchecked_run(trainable, calls_per_update):
     torch.manual_seed(0)
-    plain = TinyBYOL(DirectPredHead(DIM, calls_per_update=calls_per_update, trainable=trainable, freq=2 if trainable else 1))
+    plain = TinySimSiam(DirectPredHead(DIM, calls_per_update=calls_per_update, trainable=trainable, freq=2 if trainable else 1))
     checked = copy.deepcopy(plain)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
     opt_checked = torch.optim.SGD(checked.parameters(), lr=0.1)
@@ -484,7 +484,7 @@ def test_non_reentrant_checkpointing_gives_the_gradients_of_the_unchecked_run(tr
 @pytest.mark.parametrize("checkpointed", ["both", "first", "second"])
 def test_reentrant_checkpointing_of_any_view_raises_instead_of_silent_gradients(checkpointed):
     """Reentrant checkpointing runs the forward under no_grad: that view's statistics would be lost."""
-    model = TinyBYOL(DirectPredHead(DIM, calls_per_update="auto"))
+    model = TinySimSiam(DirectPredHead(DIM, calls_per_update="auto"))
     x0, x1 = (x.requires_grad_(True) for x in views(0, "cpu"))
 
     def predict(x):
@@ -517,7 +517,7 @@ def test_a_step_with_untracked_training_calls_is_recomputed_exactly():
     """Training-mode calls under no_grad (a logging call beside the step) do not make the step's
     recomputation ambiguous: it uses the W_p of the calls waiting for their backward pass."""
     torch.manual_seed(0)
-    plain = TinyBYOL(DirectPredHead(DIM))
+    plain = TinySimSiam(DirectPredHead(DIM))
     checked = copy.deepcopy(plain)
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, checked)}
     for step in range(3):
@@ -570,7 +570,7 @@ def test_a_step_with_untracked_training_calls_is_recomputed_exactly():
 
 
 def test_checkpointing_a_step_whose_calls_used_different_weights_raises():
-    model = TinyBYOL(DirectPredHead(DIM, calls_per_update=1))  # refreshes between the two views
+    model = TinySimSiam(DirectPredHead(DIM, calls_per_update=1))  # refreshes between the two views
     x0, x1 = (x.requires_grad_(True) for x in views(0, "cpu"))
     with pytest.raises(RuntimeError, match="cannot be recomputed exactly.*W_p changed between calls whose "
                                            "backward passes are still pending"):
@@ -628,7 +628,7 @@ def test_a_pipelined_schedule_is_recomputed_exactly_or_refused(regime):
 
 
 # ----------------------------------------------------------------- steps with calls_per_update="auto"
-def byol_step(head, crops, backward=True):
+def crops_step(head, crops, backward=True):
     """Every crop through the head, then one backward pass; returns the outputs."""
     outputs = [call(head, z) for z in crops]
     if backward:
@@ -647,7 +647,7 @@ def test_auto_makes_one_pooled_update_per_step_equal_to_the_reference(device, si
     ref = ReferenceHead(DIM)
     for step in range(5):
         crops = [c.to(device) for c in multi_crop(step, sizes)]
-        outputs = byol_step(head, crops)
+        outputs = crops_step(head, crops)
         # leaf inputs, nothing upstream to watch: the step's backward pass folded its pool
         assert int(head.num_updates) == step + 1 and head.steps.calls == 0
         for out, z in zip(outputs, crops):
@@ -665,7 +665,7 @@ def test_auto_with_gradient_accumulation_makes_one_update_per_backward_pass():
     ref = ReferenceHead(DIM)
     micro_batches = [multi_crop(step, (8, 8)) for step in range(6)]
     for crops in micro_batches:  # two micro-batches per optimizer step: each has its backward
-        byol_step(head, crops)
+        crops_step(head, crops)
         ref.fold(torch.cat(crops).numpy())
     assert int(head.num_updates) == len(micro_batches)
     np.testing.assert_allclose(head.weight.numpy(), ref.W, rtol=1e-9, atol=1e-9)
@@ -726,7 +726,7 @@ def test_update_under_auto_is_an_update_of_its_own():
     head = DirectPredHead(DIM, calls_per_update="auto", stats_dtype=torch.float64)
     ref = ReferenceHead(DIM)
     step, fed = batches64(2, batch=16), batches64(1, batch=16, seed=5)[0]
-    byol_step(head, step)  # a finished step (leaf inputs: folded by its backward pass)
+    crops_step(head, step)  # a finished step (leaf inputs: folded by its backward pass)
     head.update(fed)  # this batch on its own
     ref.fold(torch.cat(step).numpy())
     ref.fold(fed.numpy())
@@ -878,7 +878,7 @@ def test_cuda_steady_state_training_never_waits_for_the_device(compiled):
     """After warm-up, BYOL steps with the iterative refresh (the exact one's eigh waits for
     the device) make no host-device synchronisation: any would raise in this mode."""
     torch.manual_seed(0)
-    model = TinyBYOL(DirectPredHead(DIM, refresh="iterative", calls_per_update="auto")).cuda()
+    model = TinySimSiam(DirectPredHead(DIM, refresh="iterative", calls_per_update="auto")).cuda()
     step_fn = torch.compile(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     inputs = [views(step, "cuda") for step in range(10)]  # copied to the device before the checked steps

@@ -697,10 +697,10 @@ def test_per_backend_precision_settings_are_restored():
 
 
 def test_compiled_training_with_tf32_keeps_iterative_refreshes_and_the_users_setting(emulated_tf32):
-    from _helpers import DIM as SMALL, TinyBYOL, sgd_step, views
+    from _helpers import DIM as SMALL, TinySimSiam, sgd_step, views
 
     torch.manual_seed(0)
-    model = TinyBYOL(DirectPredHead(SMALL, refresh="iterative", calls_per_update="auto"))
+    model = TinySimSiam(DirectPredHead(SMALL, refresh="iterative", calls_per_update="auto"))
     step = torch.compile(model, backend="aot_eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for index in range(4):

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from _helpers import DIM, TinyBYOL, record_levels, refuse, sgd_step, views
+from _helpers import DIM, TinySimSiam, record_levels, refuse, sgd_step, views
 from _sync_counter import SyncCounter
 from directpred_plugin import DirectPredHead
 
@@ -21,7 +21,7 @@ WARM_UP, STEPS = 3, 8
 def steady_state(**options):
     """Counter after ``STEPS`` BYOL steps (SGD with momentum) that follow ``WARM_UP`` steps."""
     torch.manual_seed(0)
-    model = TinyBYOL(DirectPredHead(DIM, calls_per_update="auto", **options))  # steps end at optimizer.step()
+    model = TinySimSiam(DirectPredHead(DIM, calls_per_update="auto", **options))  # steps end at optimizer.step()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for step in range(WARM_UP):
         sgd_step(model, optimizer, *views(step))
@@ -78,7 +78,7 @@ def refusing_steady_state(monkeypatch, refused, **options):
     """Like :func:`steady_state`, with the iterative refresh refusing every candidate of the
     ``refused`` levels during the counted steps; also the level of each refresh run then."""
     torch.manual_seed(0)
-    model = TinyBYOL(DirectPredHead(DIM, refresh="iterative", **{"calls_per_update": "auto", **options}))
+    model = TinySimSiam(DirectPredHead(DIM, refresh="iterative", **{"calls_per_update": "auto", **options}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for step in range(WARM_UP):
         sgd_step(model, optimizer, *views(step))

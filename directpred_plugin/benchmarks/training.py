@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from directpred_plugin.functional import collapse_indicator
 
+from .data import Dataset
+from .methods import Method, MethodConfig
 from .cli import progress_bar
 from .config import CompareConfig
 from .evaluation import evaluate, probe_accuracy, projection_rank
 from .frameworks import FRAMEWORKS
-from .methods import MethodConfig
 from .predictors import predictor_spec
 
 #: One unit of work: ``(predictor spec, seed)``; predictor None is the untrained baseline.
@@ -59,7 +59,7 @@ def _count(tensors) -> int:
     return int(sum(t.numel() for t in tensors))
 
 
-def build_method(cfg: CompareConfig, data: Any, predictor: str, seed: int) -> nn.Module:
+def build_method(cfg: CompareConfig, data: Dataset, predictor: str, seed: int) -> Method:
     # Same seed -> same backbone and projector initialisation for every predictor (every
     # method builds the predictor last).
     torch.manual_seed(seed)
@@ -68,7 +68,7 @@ def build_method(cfg: CompareConfig, data: Any, predictor: str, seed: int) -> nn
     return FRAMEWORKS[cfg.framework].methods[cfg.method](method_cfg)
 
 
-def train_one(cfg: CompareConfig, data: Any, predictor: str, seed: int, device: torch.device,
+def train_one(cfg: CompareConfig, data: Dataset, predictor: str, seed: int, device: torch.device,
               position: int = 1) -> Dict[str, Any]:
     from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
 
@@ -151,7 +151,7 @@ def _append_probe(probes: Dict[str, List[Optional[float]]], epoch: int, point: D
     probes["linear_top1"].append(point["linear_top1"])
 
 
-def untrained_baseline(cfg: CompareConfig, data: Any, seed: int, device: torch.device) -> Dict[str, Any]:
+def untrained_baseline(cfg: CompareConfig, data: Dataset, seed: int, device: torch.device) -> Dict[str, Any]:
     """The probes on the randomly initialised backbone every run of this seed starts from."""
     method = build_method(cfg, data, cfg.predictors[0], seed).to(device)
     metrics = evaluate(method, data, cfg.batch_size, cfg.knn_k, device, None)

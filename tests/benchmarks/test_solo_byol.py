@@ -1,4 +1,4 @@
-"""``directpred-bench compare --framework solo`` (benchmarks/solo_byol.py).
+"""``directpred-bench compare --framework solo`` (directpred_plugin/benchmarks/solo_byol.py).
 
 The option checks and the missing-solo-learn error run everywhere; the runs build and train
 solo-learn's BYOL and skip when solo-learn is not importable.

@@ -23,7 +23,8 @@ import torch
 
 from .config import CompareConfig
 from .predictors import parse_predictor_spec, predictor_spec
-from .report import SCHEMA, machine_description, summarize, terminal_summary, write_outputs
+from .report import SCHEMA, summarize, terminal_summary, write_outputs
+from .timing import machine_description
 from .cli import progress_bar
 from .training import Job, load_data, run_job
 

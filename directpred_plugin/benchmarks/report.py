@@ -1,4 +1,4 @@
-"""``compare``'s outputs: the machine description, the per-predictor summary, and the run folder
+"""``compare``'s outputs: the per-predictor summary, and the run folder
 (``results.json``, ``results.csv``, ``results.md``, ``accuracy.png``, ``curves.png`` and, with
 probes along training, ``probes.png``)."""
 
@@ -7,44 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 SCHEMA = "directpred-bench/compare/2"
-
-
-def machine_description(device: torch.device) -> Dict[str, Any]:
-    info: Dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": cpu_model(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    if hasattr(os, "getloadavg"):
-        info["load_average_1_5_15min_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def summarize(runs: Sequence[Dict[str, Any]], predictors: Sequence[str]) -> List[Dict[str, Any]]:

@@ -107,7 +107,7 @@ def solo_config(cfg: MethodConfig) -> Any:
 
 
 class SoloBYOL(nn.Module):
-    """solo-learn's BYOL with the interface the compare loop drives (see ``methods.LightlyBYOL``).
+    """solo-learn's BYOL with the interface the compare loop drives (``methods.Method``).
 
     ``self.solo`` is the ``solo.methods.METHODS["byol"]`` module; its predictor is solo-learn's
     MLP or, for the DirectPred predictors, the plugin's :class:`~directpred_plugin.DirectPredHead`.

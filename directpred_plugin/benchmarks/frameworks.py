@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from torch import nn
 
-from .methods import LightlyBYOL, LightlySimSiam, MethodConfig
+from .methods import LightlyBYOL, LightlySimSiam, Method, MethodConfig
 from .predictors import PREDICTOR_SPECS
 from .solo_byol import SOLO_BACKBONES, SoloBYOL, require_solo
 
@@ -25,8 +24,8 @@ def _solo_expressible(name: str) -> bool:
 class Framework:
     """One ``--framework`` choice: the methods it builds and what it can express."""
 
-    #: ``--method`` name -> builder of a model with the interface above.
-    methods: Dict[str, Callable[[MethodConfig], nn.Module]]
+    #: ``--method`` name -> builder of a model.
+    methods: Dict[str, Callable[[MethodConfig], Method]]
     #: Whether it can build the :data:`~.predictors.PREDICTOR_SPECS` name.
     expresses: Callable[[str], bool] = lambda name: True
     #: The ``--backbone`` names it can build, the first being its default where the dataset's
@@ -52,8 +51,8 @@ class Framework:
 
 #: Framework name -> the methods it builds.
 FRAMEWORKS: Dict[str, Framework] = {
-    "lightly": Framework({"byol": LightlyBYOL, "simsiam": LightlySimSiam}),
-    # solo-learn's own BYOL, the predictor chosen through its YAML key (benchmarks/solo_byol.py).
+    "lightly": Framework({"byol": LightlyBYOL.from_config, "simsiam": LightlySimSiam.from_config}),
+    # solo-learn's own BYOL, the predictor chosen through its YAML key (directpred_plugin/benchmarks/solo_byol.py).
     "solo": Framework({"byol": SoloBYOL}, expresses=_solo_expressible, backbones=tuple(SOLO_BACKBONES),
                       require=require_solo),
 }

@@ -10,7 +10,7 @@ from directpred_plugin.benchmarks.cli import main
 
 pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_runs_every_part_and_writes_one_report(tmp_path, monkeypatch):

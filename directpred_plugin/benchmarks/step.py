@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .methods import LightlyBYOL, LightlySimSiam, MethodConfig
+from directpred_plugin import DirectPredHead
+
+from .methods import LightlyBYOL, LightlySimSiam, Method, MethodConfig
 from .predictors import check_predictor
-from .report import cpu_model
 from .threads import torch_threads
+from .timing import Column, interleaved_medians, machine_line, markdown_table, optional, seconds_per_item, synchronize
 
 #: ``--backbones`` name -> (``backbones.build_backbone`` name, image size).
 STEP_BACKBONES: Dict[str, Tuple[str, int]] = {
@@ -31,9 +31,9 @@ STEP_BACKBONES: Dict[str, Tuple[str, int]] = {
 }
 
 #: ``--methods`` name -> (model class, projection width, projector hidden width).
-METHODS: Dict[str, Tuple[Callable[[MethodConfig], nn.Module], int, int]] = {
-    "byol": (LightlyBYOL, 256, 4096),
-    "simsiam": (LightlySimSiam, 2048, 2048),
+METHODS: Dict[str, Tuple[Callable[[MethodConfig], Method], int, int]] = {
+    "byol": (LightlyBYOL.from_config, 256, 4096),
+    "simsiam": (LightlySimSiam.from_config, 2048, 2048),
 }
 
 DEFAULT_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
@@ -64,10 +64,9 @@ class _Config:
     method: str
     predictor: str
     mode: str
-    model: nn.Module
+    model: Method
     step: Callable[[Tensor, Tensor], Tensor]  # (x0, x1) -> loss, forward only
     optimizer: torch.optim.Optimizer
-    samples: List[float]
     peak: Optional[float] = None
 
     @property
@@ -76,7 +75,7 @@ class _Config:
 
 
 def build_model(backbone: str, method: str, predictor: str, *, dim: Optional[int] = None,
-                hidden: Optional[int] = None) -> nn.Module:
+                hidden: Optional[int] = None) -> Method:
     """The lightly model of ``method`` with ``predictor`` on ``backbone`` (a :data:`STEP_BACKBONES` name)."""
     name, size = STEP_BACKBONES[backbone]
     cls, default_dim, default_hidden = METHODS[method]
@@ -85,16 +84,11 @@ def build_model(backbone: str, method: str, predictor: str, *, dim: Optional[int
     return cls(cfg)
 
 
-def _training_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+def _training_loss(model: Method) -> Callable[[Tensor, Tensor], Tensor]:
     def loss(x0: Tensor, x1: Tensor) -> Tensor:
         return model.training_loss(x0, x1)[0]
 
     return loss
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _one_step(config: _Config, x0: Tensor, x1: Tensor, amp: Optional[torch.dtype], device: torch.device) -> None:
@@ -108,15 +102,11 @@ def _one_step(config: _Config, x0: Tensor, x1: Tensor, amp: Optional[torch.dtype
 
 def _block(config: _Config, inputs: Sequence[Tuple[Tensor, Tensor]], amp: Optional[torch.dtype],
            device: torch.device) -> float:
-    _sync(device)
+    """Seconds per step over ``inputs``; on CUDA, the block's peak memory above what was resident."""
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for x0, x1 in inputs:
-        _one_step(config, x0, x1, amp, device)
-    _sync(device)
-    elapsed = (time.perf_counter() - start) / len(inputs)
+    elapsed = seconds_per_item(lambda views: _one_step(config, *views, amp, device), inputs, device)
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
         config.peak = peak if config.peak is None else max(config.peak, peak)
@@ -164,7 +154,7 @@ def measure(
                 for mode in modes:
                     loss = _training_loss(model)
                     step = torch.compile(loss) if mode == "compiled" else loss
-                    configs.append(_Config(backbone, method, predictor, mode, model, step, optimizer, []))
+                    configs.append(_Config(backbone, method, predictor, mode, model, step, optimizer))
     gen = torch.Generator().manual_seed(seed)
     inputs: Dict[str, List[Tuple[Tensor, Tensor]]] = {}
     for backbone in backbones:
@@ -175,62 +165,57 @@ def measure(
         ]
     bar = progress_bar(total=(rounds + warmup) * len(configs), desc="step (round x configuration)",
                        disable=not progress)
+
+    def after_block(index: int, warming_up: bool) -> None:
+        if warming_up:
+            configs[index].peak = None  # the peak of the timed rounds only
+        bar.set_postfix_str("warm-up" if warming_up else "timed rounds")
+        bar.update()
+
     # Warm-up rounds interleaved like the timed ones: compilation, and the recompilations a
     # compiled step meets when another configuration's model ran the same code, allocator
     # and pinned buffers, the heads' first refreshes.
-    for _ in range(warmup):
-        for config in configs:
-            bar.set_postfix_str(f"warm-up {config.method} {config.predictor} {config.mode}")
-            _block(config, inputs[config.backbone], amp, dev)
-            config.peak = None
-            bar.update()
-    for index in range(rounds):
-        bar.set_postfix_str(f"round {index + 1} of {rounds}")
-        for config in configs:
-            config.samples.append(_block(config, inputs[config.backbone], amp, dev))
-            bar.update()
+    medians = interleaved_medians(
+        {index: partial(_block, config, inputs[config.backbone], amp, dev) for index, config in enumerate(configs)},
+        rounds=rounds, warmup_rounds=warmup, after_block=after_block)
     bar.close()
-    medians = {id(c): sorted(c.samples)[len(c.samples) // 2] for c in configs}
-    mlp = {c.group: medians[id(c)] for c in configs if c.predictor == "mlp"}
+    mlp = {c.group: medians[index] for index, c in enumerate(configs) if c.predictor == "mlp"}
     rows = []
-    for c in configs:
-        head = c.model.prediction_head
+    for index, c in enumerate(configs):
+        head = c.model.predictor
         refreshes = rejections = None
-        if hasattr(head, "refreshed_at"):
+        if isinstance(head, DirectPredHead):
             refreshes = int(head.num_updates) // head.freq
             rejections = int(head.refresh_rejections)
         rows.append(StepRow(
             backbone=c.backbone, image_size=STEP_BACKBONES[c.backbone][1], method=c.method,
             dim=int(dims.get(c.method) or METHODS[c.method][1]), predictor=c.predictor, mode=c.mode,
             amp="none" if amp is None else str(amp).replace("torch.", ""), batch=batch, device=str(dev),
-            ms_per_step=medians[id(c)] * 1e3,
-            ratio_to_mlp=medians[id(c)] / mlp[c.group] if c.group in mlp else None,
+            ms_per_step=medians[index] * 1e3,
+            ratio_to_mlp=medians[index] / mlp[c.group] if c.group in mlp else None,
             peak_mib=c.peak, refreshes=refreshes, refresh_rejections=rejections))
     return rows
 
 
+COLUMNS: List[Column[StepRow]] = [
+    Column("backbone", lambda r: r.backbone),
+    Column("image", lambda r: str(r.image_size), numeric=True),
+    Column("method", lambda r: r.method),
+    Column("dim", lambda r: str(r.dim), numeric=True),
+    Column("predictor", lambda r: r.predictor),
+    Column("mode", lambda r: r.mode),
+    Column("amp", lambda r: r.amp),
+    Column("batch", lambda r: str(r.batch), numeric=True),
+    Column("ms / step", lambda r: f"{r.ms_per_step:.1f}", numeric=True),
+    Column("vs MLP", lambda r: optional(r.ratio_to_mlp, "{:.3f}x"), numeric=True),
+    Column("peak MiB", lambda r: optional(r.peak_mib, "{:.0f}", missing="n/a"), numeric=True),
+    Column("refreshes", lambda r: optional(r.refreshes), numeric=True),
+    Column("rejections", lambda r: optional(r.refresh_rejections), numeric=True),
+]
+
+
 def format_table(rows: Sequence[StepRow]) -> str:
-    lines = ["| backbone | image | method | dim | predictor | mode | amp | batch | ms / step | vs MLP | peak MiB "
-             "| refreshes | rejections |",
-             "|---|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = "" if r.ratio_to_mlp is None else f"{r.ratio_to_mlp:.3f}x"
-        peak = "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        lines.append(f"| {r.backbone} | {r.image_size} | {r.method} | {r.dim} | {r.predictor} | {r.mode} | {r.amp} "
-                     f"| {r.batch} | {r.ms_per_step:.1f} | {ratio} | {peak} | {'' if r.refreshes is None else r.refreshes} "
-                     f"| {'' if r.refresh_rejections is None else r.refresh_rejections} |")
-    return "\n".join(lines)
-
-
-def machine(device: str) -> str:
-    """One line naming what ran the benchmark."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        where = f"{torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}"
-    else:
-        where = f"{cpu_model()}, {os.cpu_count()} logical CPUs"
-    return (f"{where}; torch {torch.__version__}; {torch.get_num_threads()} torch threads; "
-            f"Python {platform.python_version()}; {platform.system()}")
+    return markdown_table(COLUMNS, rows)
 
 
 def profile_step(backbone: str, method: str, predictor: str, *, batch: int, device: str,
@@ -243,16 +228,16 @@ def profile_step(backbone: str, method: str, predictor: str, *, batch: int, devi
     dims, hidden = dims or {}, hidden or {}
     model = build_model(backbone, method, predictor, dim=dims.get(method), hidden=hidden.get(method)).to(dev).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    config = _Config(backbone, method, predictor, "eager", model, _training_loss(model), optimizer, [])
+    config = _Config(backbone, method, predictor, "eager", model, _training_loss(model), optimizer)
     size = STEP_BACKBONES[backbone][1]
     x0, x1 = (torch.randn(batch, 3, size, size, device=dev) for _ in range(2))
     for _ in range(3):
         _one_step(config, x0, x1, amp, dev)
-    _sync(dev)
+    synchronize(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
         _one_step(config, x0, x1, amp, dev)
-        _sync(dev)
+        synchronize(dev)
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     return str(prof.key_averages().table(sort_by=sort, row_limit=top))
 
@@ -273,7 +258,7 @@ def run(args: argparse.Namespace) -> List[StepRow]:
         rows = measure(backbones=backbones, methods=args.methods, predictors=args.predictors, modes=modes,
                        batch=args.batch_size, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
                        device=args.device, amp=amp, dims=dims, hidden=hidden, progress=not args.no_progress)
-        line = machine(args.device)
+        line = machine_line(torch.device(args.device))
         profile = None
         if args.profile:
             method, _, predictor = args.profile.partition(":")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from directpred_plugin.functional import collapse_indicator, effective_rank, eigenspace_alignment
+
+from .data import Dataset
+from .methods import Method
 
 
 def projection_rank(z: Tensor) -> float:
@@ -25,7 +28,7 @@ def projection_rank(z: Tensor) -> float:
     return float(effective_rank(torch.linalg.svdvals(z - z.mean(0))))
 
 
-def probe_accuracy(method: nn.Module, data: Any, batch_size: int, knn_k: int, device: torch.device,
+def probe_accuracy(method: Method, data: Dataset, batch_size: int, knn_k: int, device: torch.device,
                    linear: bool = True) -> Dict[str, Optional[float]]:
     """kNN and (unless ``linear`` is False) linear-probe top-1 of the backbone's features: fit on the
     clean training images, scored on the test images. ``linear_top1`` is None when skipped."""
@@ -42,7 +45,7 @@ def probe_accuracy(method: nn.Module, data: Any, batch_size: int, knn_k: int, de
         }
 
 
-def evaluate(method: nn.Module, data: Any, batch_size: int, knn_k: int, device: torch.device,
+def evaluate(method: Method, data: Dataset, batch_size: int, knn_k: int, device: torch.device,
              matrix: Optional[Callable[[nn.Module], Tensor]]) -> Dict[str, Optional[float]]:
     """kNN and linear-probe top-1 of the backbone's features (probes fit on the clean training images,
     scored on the test images), collapse measures of the test projections and, for a one-matrix

@@ -1,12 +1,6 @@
 """Datasets for ``directpred-bench compare``: two augmented views for training, clean images for probes.
 
-Registry :data:`DATASETS` maps a name to a factory returning an object with
-
-- ``channels``, ``image_size``, ``num_classes``, ``defaults`` (a :class:`DatasetDefaults`),
-- ``steps_per_epoch(batch_size)``,
-- ``views(batch_size, generator, device)``: one epoch of ``(x0, x1)`` view pairs,
-- ``labelled(split, batch_size, device)``: ``(x, y)`` batches of un-augmented images,
-  ``split`` being ``"train"`` or ``"test"``.
+Registry :data:`DATASETS` maps a name to a factory returning a :class:`Dataset`.
 
 ``digits`` (scikit-learn's bundled 8x8 handwritten digits) and ``fashion-mnist`` (28x28,
 read from its IDX files: the Debian package ``dataset-fashion-mnist`` or a torchvision
@@ -21,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sized, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +35,31 @@ class DatasetDefaults:
     hidden_dim: int
     lr: float = 0.06  # SGD learning rate for batch 256, scaled linearly with the batch size
     ema_start: float = 0.99  # BYOL's target momentum at the first step (cosine to 1)
+
+
+class Dataset(Protocol):
+    """A dataset as ``compare`` trains on and probes it."""
+
+    channels: int
+    image_size: int
+    num_classes: int
+    defaults: DatasetDefaults
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Training steps in one epoch of :meth:`views` (incomplete batches dropped)."""
+
+    def views(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[Batch]:
+        """One epoch of ``(x0, x1)``: two augmented views of each image, shuffled by ``generator``."""
+
+    def labelled(self, split: str, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        """``(x, y)`` batches of un-augmented images of ``split`` (``"train"`` or ``"test"``), in order."""
+
+
+class DatasetFactory(Protocol):
+    """How :data:`DATASETS` builds a dataset from ``compare``'s options."""
+
+    def __call__(self, *, data_dir: Path, download: bool, workers: int, subset: Optional[int],
+                 test_subset: Optional[int]) -> Dataset: ...
 
 
 # ------------------------------------------------------------------ grey images
@@ -225,7 +244,7 @@ def read_idx(path: Path) -> Tensor:
     import numpy as np
 
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:  # type: ignore[operator]
+    with opener(path, "rb") as f:
         raw = f.read()
     zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
     if zero != 0 or dtype_code != 0x08:
@@ -296,7 +315,7 @@ class TorchvisionData:
         self.workers = workers
         cls = getattr(torchvision.datasets, spec.dataset_class)
         size = spec.image_size
-        blur = {} if spec.gaussian_blur is None else {"gaussian_blur": spec.gaussian_blur}
+        blur: Dict[str, Any] = {} if spec.gaussian_blur is None else {"gaussian_blur": spec.gaussian_blur}
         ssl_transform = BYOLTransform(
             view_1_transform=BYOLView1Transform(input_size=size, **blur),
             view_2_transform=BYOLView2Transform(input_size=size, **blur),
@@ -318,7 +337,7 @@ class TorchvisionData:
                 ) from error
 
         def first(dataset: torch.utils.data.Dataset, limit: Optional[int]) -> torch.utils.data.Dataset:
-            return dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+            return dataset if limit is None else torch.utils.data.Subset(dataset, range(min(limit, len(cast(Sized, dataset)))))
 
         self.ssl = first(load(spec.ssl_split, True, ssl_transform), subset)
         self.splits = {
@@ -327,7 +346,7 @@ class TorchvisionData:
         }
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return len(self.ssl) // batch_size
+        return len(cast(Sized, self.ssl)) // batch_size
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, generator: Optional[torch.Generator], device):
         return torch.utils.data.DataLoader(
@@ -362,8 +381,8 @@ STL10 = TorchvisionSpec(
                              hidden_dim=4096),
 )
 
-#: Dataset name -> factory(data_dir=..., download=..., workers=...).
-DATASETS: Dict[str, Callable[..., object]] = {
+#: Dataset name -> factory; ``--dataset`` accepts every name here.
+DATASETS: Dict[str, DatasetFactory] = {
     "digits": DigitsData,
     "fashion-mnist": FashionMNISTData,
     "cifar10": _torchvision(CIFAR10),
@@ -372,7 +391,8 @@ DATASETS: Dict[str, Callable[..., object]] = {
 
 
 def build_dataset(name: str, *, data_dir: Path = Path("data"), download: bool = False,
-                  workers: Optional[int] = None, subset: Optional[int] = None, test_subset: Optional[int] = None):
+                  workers: Optional[int] = None, subset: Optional[int] = None,
+                  test_subset: Optional[int] = None) -> Dataset:
     if name not in DATASETS:
         raise ValueError(f"--dataset must be one of {sorted(DATASETS)}, got {name!r}")
     if workers is None:

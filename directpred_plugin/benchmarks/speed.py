@@ -10,10 +10,10 @@ import argparse
 import importlib
 import json
 import sys
-import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from directpred_plugin import VARIANTS, DirectPredHead
 
 from .predictors import mlp_predictor, parse_predictor_spec
 from .threads import torch_threads
+from .timing import Column, interleaved_medians, markdown_table, optional, seconds_per_item
 
 
 def byol_mlp(dim: int) -> nn.Module:
@@ -67,7 +68,7 @@ def _imported_class(spec: str) -> Optional[Callable[..., nn.Module]]:
     return cls
 
 
-def parse_head_spec(spec: str) -> Tuple[str, Dict[str, object]]:
+def parse_head_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
     """``"directcopy:freq=5"`` -> ``("directcopy", {"freq": 5})``: a closed-form name and its options.
 
     The same ``name:key=value,...`` syntax as ``compare --predictors`` (values are Python
@@ -109,11 +110,6 @@ def _build(name: str, dim: int, device: torch.device) -> nn.Module:
     return module.to(device).train()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _call(module: nn.Module, z: torch.Tensor) -> None:
     out = module(z)
     out.square().mean().backward()
@@ -129,13 +125,8 @@ def _call(module: nn.Module, z: torch.Tensor) -> None:
 _ZERO_STEPS: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
 
 
-def _time_block(module: nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for z in inputs:
-        _call(module, z)
-    _sync(device)
-    return (time.perf_counter() - start) / len(inputs)
+def _calls(module: nn.Module) -> Callable[[torch.Tensor], None]:
+    return lambda z: _call(module, z)
 
 
 def exact_weight(corr: torch.Tensor, variant: str, eps: float) -> torch.Tensor:
@@ -146,6 +137,7 @@ def exact_weight(corr: torch.Tensor, variant: str, eps: float) -> torch.Tensor:
 def refresh_errors(spec: str, dim: int, calls: Sequence[torch.Tensor], device: torch.device) -> Tuple[List[float], int]:
     """Replay ``calls`` on a fresh head; relative error of ``W_p`` after every refresh, and fallbacks."""
     head = _build(spec, dim, device)
+    assert isinstance(head, DirectPredHead)
     errors: List[float] = []
     for z in calls:
         before = int(head.num_updates)
@@ -187,13 +179,11 @@ def measure(
             torch.randn(batch, dim, generator=gen).to(dev).requires_grad_(True) for _ in range(per_block)
         ]
         for module in modules.values():
-            _time_block(module, inputs[:warmup], dev)
-        samples: Dict[str, List[float]] = {name: [] for name in predictors}
-        for _ in range(rounds):
-            for name, module in modules.items():
-                samples[name].append(_time_block(module, inputs, dev))
-            bar.update()
-        medians = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+            seconds_per_item(_calls(module), inputs[:warmup], dev)
+        last = predictors[-1]
+        medians = interleaved_medians(
+            {name: partial(seconds_per_item, _calls(module), inputs, dev) for name, module in modules.items()},
+            rounds=rounds, after_block=lambda name, _: bar.update() if name == last else None)
         for name in predictors:
             row = SpeedRow(
                 predictor=name,
@@ -223,25 +213,27 @@ def measure(
     return rows
 
 
+def _ratio(value: Optional[float]) -> str:
+    return optional(value, "{:.2f}x")
+
+
+COLUMNS: List[Column[SpeedRow]] = [
+    Column("predictor", lambda r: r.predictor),
+    Column("dim", lambda r: str(r.dim), numeric=True),
+    Column("batch", lambda r: str(r.batch), numeric=True),
+    Column("device", lambda r: r.device),
+    Column("ms / call", lambda r: f"{r.ms_per_call:.2f}", numeric=True),
+    Column("params", lambda r: f"{r.parameters:,}", numeric=True),
+    Column("vs BYOL MLP", lambda r: _ratio(r.ratio_to_byol_mlp), numeric=True),
+    Column("vs SimSiam MLP", lambda r: _ratio(r.ratio_to_simsiam_mlp), numeric=True),
+    Column("refreshes", lambda r: optional(r.refreshes), numeric=True),
+    Column("max error", lambda r: optional(r.max_error, "{:.1e}"), numeric=True),
+    Column("fallbacks", lambda r: optional(r.fallbacks), numeric=True),
+]
+
+
 def format_table(rows: Sequence[SpeedRow]) -> str:
-    def ratio(value: Optional[float]) -> str:
-        return "" if value is None else f"{value:.2f}x"
-
-    def optional(value: Optional[object], fmt: str = "{}") -> str:
-        return "" if value is None else fmt.format(value)
-
-    lines = [
-        "| predictor | dim | batch | device | ms / call | params | vs BYOL MLP | vs SimSiam MLP "
-        "| refreshes | max error | fallbacks |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.predictor} | {r.dim} | {r.batch} | {r.device} | {r.ms_per_call:.2f} | {r.parameters:,} "
-            f"| {ratio(r.ratio_to_byol_mlp)} | {ratio(r.ratio_to_simsiam_mlp)} "
-            f"| {optional(r.refreshes)} | {optional(r.max_error, '{:.1e}')} | {optional(r.fallbacks)} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, rows)
 
 
 def run(args: argparse.Namespace) -> List[SpeedRow]:

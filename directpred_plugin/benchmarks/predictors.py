@@ -38,7 +38,9 @@ class PredictorSpec:
 
 
 def _weight(module: nn.Module) -> Tensor:
-    return module.weight
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
 
 
 def mlp_predictor(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
