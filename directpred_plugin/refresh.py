@@ -166,7 +166,7 @@ _GRID_DECADES, _GRID_DENSITY = 30, 40
 
 
 def _scalar_iteration(a: Tensor, schedule: Tuple[Tuple[float, float], ...]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The coupled iteration of `IterativeRefresh.square_root` on each entry of ``a``.
+    """The coupled iteration of `_square_root` on each entry of ``a``.
 
     Returns ``(y, z, p)``: ``y`` and ``z`` as the matrix iteration leaves them on an eigenvalue
     ``a`` (``z`` without the last step's factor) and that last factor ``p``.
@@ -216,13 +216,21 @@ def _shift_constant(shift: float, schedule: Tuple[Tuple[float, float], ...]) -> 
     ``z ~ prod(c1)`` below the floor, so ``x / (shift z)^2`` is bounded; ``C`` is its largest
     value on a grid of ``a`` 40 points a decade, the shift itself included, with 5% to spare
     (the ratio is smooth between grid points). A constant of the schedule, computed once on
-    the host in float64.
+    the host.
     """
-    a = torch.cat([_grid(torch.float64, torch.device("cpu")), torch.tensor([shift], dtype=torch.float64)])
-    _, z, _ = _scalar_iteration(a, schedule)
-    rest = (a - shift).clamp_min(0)
-    cost = torch.where(a <= shift, a, shift * shift / (a.sqrt() + rest.sqrt()).square())
-    return float((cost / (shift * z).square()).max()) * 1.05
+    # Python floats, not tensors: a constant of the schedule, so no tensor is read back on any device.
+    points = _GRID_DECADES * _GRID_DENSITY
+    worst = 0.0
+    for a in [10.0 ** (_GRID_DECADES * (k / points - 1)) for k in range(points + 1)] + [shift]:
+        y, z, p = a, 1.0, 1.0
+        for step, (c1, c3) in enumerate(schedule):
+            if step:
+                z = p * z
+            p = c1 - c3 * (z * y)
+            y = y * p
+        cost = a if a <= shift else shift * shift / (math.sqrt(a) + math.sqrt(a - shift)) ** 2
+        worst = max(worst, cost / (shift * z) ** 2)
+    return worst * 1.05
 
 
 def iterative_candidate(stats: Tensor, variant: Variant, options: RuleOptions, *, tol: float = 1e-2,
