@@ -73,7 +73,7 @@ column is the largest relative Frobenius error over the run, "fallbacks" counts 
 handed to the exact rule by the self-check.
 """
 
-#: speed's baselines (directpred_plugin.benchmarks.speed.BASELINES)
+#: speed's --predictors names beside the family's (benchmarks.predictors.predictor_names("speed"))
 SPEED_BASELINES = ("byol-mlp", "simsiam-mlp", "floor")
 SPEED_PREDICTORS = [
     "byol-mlp",
@@ -142,7 +142,7 @@ The models are assembled from lightly's building blocks as lightly's examples do
 method_kwargs.predictor, trained in the same loop.
 """
 
-#: compare's --predictors names (directpred_plugin.benchmarks.predictors.PREDICTOR_SPECS)
+#: compare's --predictors names (benchmarks.predictors.predictor_names("compare"))
 COMPARE_PREDICTORS = ("mlp", "directpred", "directpred-hybrid", "directcopy", "directset", "ns", "ns2", "stiefel",
                       "visser", "linear", "none")
 #: framework -> what compare runs without --predictors (benchmarks.frameworks.FRAMEWORKS)

@@ -63,7 +63,7 @@ class CompareConfig:
             raise ValueError(f"--framework {self.framework} builds --method {' or '.join(framework.methods)}, "
                              f"got {self.method!r}")
         for spec in self.predictors or ():
-            check_predictor(spec)
+            check_predictor(spec, "compare")
         if len(set(self.predictors or ())) != len(self.predictors or ()):
             raise ValueError(f"--predictors names a predictor twice: {self.predictors}")
         inexpressible = [p for p in self.predictors or () if not framework.expresses(parse_predictor_spec(p)[0])]

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 
 from .methods import LightlyBYOL, LightlySimSiam, Method, MethodConfig
-from .predictors import PREDICTOR_SPECS
+from .predictors import PREDICTOR_SPECS, predictor_names
 from .solo_byol import SOLO_BACKBONES, SoloBYOL, require_solo
 
 
@@ -36,7 +36,7 @@ class Framework:
 
     @property
     def predictors(self) -> Tuple[str, ...]:
-        return tuple(name for name in PREDICTOR_SPECS if self.expresses(name))
+        return tuple(name for name in predictor_names("compare") if self.expresses(name))
 
     @property
     def default_predictors(self) -> Tuple[str, ...]:

@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> List[StepRow]:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     for spec in args.predictors:
-        check_predictor(spec)  # bad names and options fail before any model is built
+        check_predictor(spec, "step")  # bad names and options fail before any model is built
     backbones = args.backbones or (["resnet18-cifar", "resnet50"] if cuda else ["resnet18-cifar"])
     amp_name = args.amp or ("bf16" if cuda else "none")
     amp = torch.bfloat16 if amp_name == "bf16" else None

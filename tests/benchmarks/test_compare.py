@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
-from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS as PREDICTORS
+from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS, predictor_names
 from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA, gain_over_untrained
 from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks.data import DigitsData, build_dataset
@@ -92,7 +92,7 @@ def test_every_predictor_builds_and_runs_a_step():
     cfg = compare.CompareConfig(proj_dim=8, hidden_dim=16, batch_size=16, epochs=1).resolve(data.defaults)
     gen = torch.Generator().manual_seed(0)
     x0, x1 = next(data.views(16, gen, torch.device("cpu")))
-    for name, spec in PREDICTORS.items():
+    for name in predictor_names("compare"):
         method = build_method(cfg, data, name, seed=0)
         optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
         for _ in range(2):
@@ -106,7 +106,7 @@ def test_every_predictor_builds_and_runs_a_step():
             # the optimizer stepped: the paper's per-iteration rule
             assert method.predictor.calls_per_update == "auto" and int(method.predictor.num_updates) == 2
             assert method.predictor.steps.calls == 0
-        assert (spec.matrix is None) == (name in ("mlp", "none")), name
+        assert (PREDICTOR_SPECS[name].matrix is None) == (name in ("mlp", "none")), name
 
 
 def test_same_seed_gives_every_predictor_the_same_start():
