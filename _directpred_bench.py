@@ -305,8 +305,8 @@ what was resident when a block started (activations, gradients, temporaries), un
 autocast unless --amp none.
 """
 
-#: benchmarks.step.STEP_BACKBONES, METHODS and DEFAULT_PREDICTORS
-STEP_BACKBONES = ("resnet18-cifar", "resnet50", "small-cnn")
+#: benchmarks.backbones.backbone_names("step"); benchmarks.step.METHODS and DEFAULT_PREDICTORS
+STEP_BACKBONES = ("small-cnn", "resnet18-cifar", "resnet50")
 STEP_METHODS = ("byol", "simsiam")
 STEP_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
 

@@ -180,6 +180,7 @@ def test_the_command_line_states_the_codes_values():
 
     from directpred_plugin import VARIANTS
     from directpred_plugin.benchmarks import gpu_report, step, theory
+    from directpred_plugin.benchmarks.backbones import backbone_names
     from directpred_plugin.benchmarks.predictors import predictor_names
 
     import _directpred_bench as bench
@@ -192,7 +193,7 @@ def test_the_command_line_states_the_codes_values():
     assert bench.THEORY_SETTING == {key: setting[key] for key in bench.THEORY_SETTING}
     assert bench.THEORY_SWEEP_WEIGHT_DECAY == theory.DEFAULT_SWEEP_WEIGHT_DECAY
     assert bench.THEORY_SWEEP_EMA_RATE == theory.DEFAULT_SWEEP_EMA_RATE
-    assert bench.STEP_BACKBONES == tuple(step.STEP_BACKBONES) and bench.STEP_METHODS == tuple(step.METHODS)
+    assert bench.STEP_BACKBONES == backbone_names("step") and bench.STEP_METHODS == tuple(step.METHODS)
     assert bench.STEP_PREDICTORS == step.DEFAULT_PREDICTORS
     for dry_run in (False, True):
         assert bench.GPU_REPORT_PARTS == tuple(part.name for part in gpu_report.plan(Path("out"), dry_run))

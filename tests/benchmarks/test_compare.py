@@ -140,6 +140,13 @@ def test_bad_input_is_named():
         compare.compare(compare.CompareConfig(epochs=0))
     with pytest.raises(ValueError, match="--backbone must be one of"):
         compare.compare(compare.CompareConfig(backbone="resnet19", epochs=1, progress=False))
+    # step's and speed's names are refused before any data is loaded
+    with pytest.raises(ValueError, match=r"--backbone must be one of \['fashion-cnn', 'resnet18', "
+                                         r"'resnet18-imagenet-stem', 'small-cnn'\] or 'timm:<model name>', "
+                                         r"got 'resnet18-cifar'"):
+        compare.CompareConfig(backbone="resnet18-cifar").validate()
+    with pytest.raises(ValueError, match="compare does not take predictor 'floor'"):
+        compare.CompareConfig(predictors=["floor"]).validate()
 
 
 def test_missing_torchvision_data_says_how_to_get_it(tmp_path):
