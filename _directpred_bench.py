@@ -256,7 +256,7 @@ seconds on a CPU.
 #: theory's scenarios (benchmarks.theory.SCENARIOS)
 THEORY_SCENARIOS = ("no-predictor", "no-stop-gradient", "gradient-predictor", "directpred-sqrt", "directpred",
                     "symmetric-predictor")
-#: option -> default, those of benchmarks.theory.LinearSetting
+#: option -> default, those of benchmarks.linear_model.LinearSetting
 THEORY_SETTING = {"dim": 8, "batch": 128, "steps": 2500, "lr": 0.2, "weight_decay": 0.005, "ema_rate": 0.02,
                   "noise": 0.25, "runs": 3, "seed": 0}
 #: benchmarks.theory.DEFAULT_SWEEP_WEIGHT_DECAY and DEFAULT_SWEEP_EMA_RATE

@@ -179,7 +179,7 @@ def test_the_command_line_states_the_codes_values():
     from dataclasses import asdict
 
     from directpred_plugin import VARIANTS
-    from directpred_plugin.benchmarks import gpu_report, step, theory
+    from directpred_plugin.benchmarks import gpu_report, linear_model, step, theory
     from directpred_plugin.benchmarks.backbones import backbone_names
     from directpred_plugin.benchmarks.predictors import predictor_names
 
@@ -189,7 +189,7 @@ def test_the_command_line_states_the_codes_values():
     assert bench.COMPARE_DEFAULT_PREDICTORS == {name: f.default_predictors for name, f in FRAMEWORKS.items()}
     assert bench.SPEED_BASELINES == tuple(name for name in predictor_names("speed") if name not in VARIANTS)
     assert bench.THEORY_SCENARIOS == tuple(theory.SCENARIOS)
-    setting = asdict(theory.LinearSetting())
+    setting = asdict(linear_model.LinearSetting())
     assert bench.THEORY_SETTING == {key: setting[key] for key in bench.THEORY_SETTING}
     assert bench.THEORY_SWEEP_WEIGHT_DECAY == theory.DEFAULT_SWEEP_WEIGHT_DECAY
     assert bench.THEORY_SWEEP_EMA_RATE == theory.DEFAULT_SWEEP_EMA_RATE
