@@ -273,12 +273,12 @@ def test_a_closed_form_predictor_is_checked_without_building_a_head(monkeypatch)
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(predictors, "DirectPredHead", Counting)
-    predictors.check_predictor("ns:freq=2")
+    predictors.check_predictor("ns:freq=2", "compare")
     assert built == []
     with pytest.raises(ValueError, match="rho must be a number in"):
-        predictors.check_predictor("directpred:rho=2")
+        predictors.check_predictor("directpred:rho=2", "compare")
     with pytest.raises(ValueError, match=r"'directpred:epsilon=0.1'.*unexpected keyword argument 'epsilon'"):
-        predictors.check_predictor("directpred:epsilon=0.1")
+        predictors.check_predictor("directpred:epsilon=0.1", "compare")
     assert predictors.build_predictor("ns:freq=2", 8, 8).freq == 2 and len(built) == 1
 
 
