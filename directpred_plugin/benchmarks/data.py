@@ -1,12 +1,11 @@
 """Datasets for ``directpred-bench compare``: two augmented views for training, clean images for probes.
 
-Registry :data:`DATASETS` maps a name to a factory returning a :class:`Dataset`.
-
+The table :data:`DATASETS` maps a name to a factory returning a :class:`Dataset`.
 ``digits`` (scikit-learn's bundled 8x8 handwritten digits) and ``fashion-mnist`` (28x28,
 read from its IDX files: the Debian package ``dataset-fashion-mnist`` or a torchvision
-download) work offline and are augmented batch-wise on the training device; ``cifar10`` and ``stl10`` come from torchvision and
-use lightly's ``BYOLTransform`` per sample in DataLoader workers, as lightly's own
-examples do.
+download) work offline and are augmented batch-wise on the training device; ``cifar10``
+and ``stl10`` come from torchvision and use lightly's ``BYOLTransform`` per sample in
+DataLoader workers, as lightly's own examples do.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``--framework`` choices for ``compare``: which methods each framework builds, and what it can express."""
+"""``--framework`` choices for ``compare``: the methods and backbones each framework builds, and the
+predictors it can express."""
 
 from __future__ import annotations
 

@@ -11,9 +11,10 @@ solo-learn's config has no linear or identity predictor, so ``linear`` and ``non
 refused rather than patched in behind solo-learn's back.
 
 Backbones come from solo-learn's registry by name (``cfg.backbone.name``, the ``solo`` of a
-``backbones.BACKBONES`` entry; it has no setting for a custom module): ``resnet18`` is its ResNet-18 with the small-image stem
-solo-learn uses for CIFAR, ``resnet18-imagenet-stem`` the unmodified one. One-channel
-images (digits) are repeated to three channels, as loading a grayscale image as RGB does.
+``backbones.BACKBONES`` entry; it has no setting for a custom module): ``resnet18`` is its
+ResNet-18 with the small-image stem solo-learn uses for CIFAR, ``resnet18-imagenet-stem``
+the unmodified one. One-channel images (digits) are repeated to three channels, as loading
+a grayscale image as RGB does.
 
 The compare loop drives the module's own pieces rather than a Lightning ``Trainer``, so
 that both frameworks train under one loop (same SGD, learning-rate and EMA schedules,
