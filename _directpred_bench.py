@@ -73,7 +73,7 @@ column is the largest relative Frobenius error over the run, "fallbacks" counts 
 handed to the exact rule by the self-check.
 """
 
-#: speed's baselines (directpred_plugin.benchmarks.speed.BASELINES)
+#: speed's --predictors names beside the family's (benchmarks.predictors.predictor_names("speed"))
 SPEED_BASELINES = ("byol-mlp", "simsiam-mlp", "floor")
 SPEED_PREDICTORS = [
     "byol-mlp",
@@ -142,7 +142,7 @@ The models are assembled from lightly's building blocks as lightly's examples do
 method_kwargs.predictor, trained in the same loop.
 """
 
-#: compare's --predictors names (directpred_plugin.benchmarks.predictors.PREDICTOR_SPECS)
+#: compare's --predictors names (benchmarks.predictors.predictor_names("compare"))
 COMPARE_PREDICTORS = ("mlp", "directpred", "directpred-hybrid", "directcopy", "directset", "ns", "ns2", "stiefel",
                       "visser", "linear", "none")
 #: framework -> what compare runs without --predictors (benchmarks.frameworks.FRAMEWORKS)
@@ -256,7 +256,7 @@ seconds on a CPU.
 #: theory's scenarios (benchmarks.theory.SCENARIOS)
 THEORY_SCENARIOS = ("no-predictor", "no-stop-gradient", "gradient-predictor", "directpred-sqrt", "directpred",
                     "symmetric-predictor")
-#: option -> default, those of benchmarks.theory.LinearSetting
+#: option -> default, those of benchmarks.linear_model.LinearSetting
 THEORY_SETTING = {"dim": 8, "batch": 128, "steps": 2500, "lr": 0.2, "weight_decay": 0.005, "ema_rate": 0.02,
                   "noise": 0.25, "runs": 3, "seed": 0}
 #: benchmarks.theory.DEFAULT_SWEEP_WEIGHT_DECAY and DEFAULT_SWEEP_EMA_RATE
@@ -305,8 +305,8 @@ what was resident when a block started (activations, gradients, temporaries), un
 autocast unless --amp none.
 """
 
-#: benchmarks.step.STEP_BACKBONES, METHODS and DEFAULT_PREDICTORS
-STEP_BACKBONES = ("resnet18-cifar", "resnet50", "small-cnn")
+#: benchmarks.backbones.backbone_names("step"); benchmarks.step.METHODS and DEFAULT_PREDICTORS
+STEP_BACKBONES = ("small-cnn", "resnet18-cifar", "resnet50")
 STEP_METHODS = ("byol", "simsiam")
 STEP_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
 
@@ -345,10 +345,8 @@ def step_arguments(parser: argparse.ArgumentParser) -> None:
 GPU_REPORT_DESCRIPTION = """\
 Everything a GPU session should run, in one command and one folder.
 
-Run from a checkout (the CUDA tests are the repository's tests/):
-
-1. the CUDA-parametrised tests (pytest -k cuda), among them the steady-state check under
-   torch.cuda.set_sync_debug_mode("error") and the CPU sync counter;
+1. the CUDA-parametrised tests of a checkout (pytest -k cuda in its tests/), among them the
+   steady-state check under torch.cuda.set_sync_debug_mode("error") and the CPU sync counter;
 2. checks: a ResNet-18 BYOL step with the default head under set_sync_debug_mode("error")
    after warm-up (no host wait may happen), and the iterative refresh's acceptance under
    torch.set_float32_matmul_precision("high") on SSL-like spectra at the widths of BYOL and
@@ -358,7 +356,11 @@ Run from a checkout (the CUDA tests are the repository's tests/):
 
 Each part runs with its own time limit, as its own process where it can, and whatever
 finished is written to --out with report.md (device, torch version, the command, each
-part's status and time). The limits add up to 7 min 50 s. --dry-run runs the same plan on
+part's status and time). The limits add up to 7 min 50 s.
+
+The tests run in the checkout that holds the current folder (the nearest folder at or above
+it with pyproject.toml and the tests), or in --repo, and import that checkout's package;
+from an installed copy outside a checkout, --only without tests runs the other parts. --dry-run runs the same plan on
 the CPU with tiny sizes (the test suite does, so the plan cannot rot); no CUDA-only part
 runs then, and the report says so.
 """
@@ -373,6 +375,9 @@ def gpu_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the same plan on the CPU with tiny sizes, without the CUDA-only parts")
     parser.add_argument("--only", nargs="+", default=None, metavar="PART",
                         help=f"run only these parts: {', '.join(GPU_REPORT_PARTS)} (default: all)")
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="the checkout whose tests the tests part runs (default: the one holding the current "
+                             "folder)")
 
 
 # ----------------------------------------------------------------------------- health-plot

@@ -101,10 +101,10 @@ def test_family_options_are_checked(name, options, message):
 
 def test_every_benchmark_name_builds_a_predictor_and_the_closed_form_ones_are_heads():
     pytest.importorskip("lightly")
-    from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS, build_predictor
+    from directpred_plugin.benchmarks.predictors import build_predictor, predictor_names
 
-    assert set(VARIANTS) <= set(PREDICTOR_SPECS)
-    for name in PREDICTOR_SPECS:
+    assert set(VARIANTS) <= set(predictor_names("compare")) and set(VARIANTS) <= set(predictor_names("speed"))
+    for name in predictor_names("compare"):
         module = build_predictor(name, DIM, 16)
         out = module.train()(torch.randn(8, DIM, requires_grad=True))
         assert out.shape == (8, DIM), name

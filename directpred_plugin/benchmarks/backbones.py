@@ -1,12 +1,15 @@
-"""Backbones for ``directpred-bench compare``: name -> module mapping images to flat features.
+"""The backbones every benchmark command names, in one table: modules mapping images to flat features.
 
-:data:`BACKBONES` holds the built-in ones; any ``timm:<model>`` name builds that timm model
-without its classifier (``timm.create_model(<model>, num_classes=0, in_chans=...)``).
+Each :data:`BACKBONES` entry says which commands and frameworks offer it and what they need
+(``step``'s input size, solo-learn's name for it); ``compare`` also builds any
+``timm:<model>`` name, that timm model without its classifier.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -77,12 +80,49 @@ def timm_backbone(model_name: str, in_chans: int) -> nn.Module:
     return timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans)
 
 
-BACKBONES: Dict[str, Callable[[int], nn.Module]] = {
-    "small-cnn": small_cnn,
-    "fashion-cnn": fashion_cnn,
-    "resnet18": resnet18_cifar,
-    "resnet18-imagenet-stem": resnet18_imagenet_stem,
+class SoloBackbone(NamedTuple):
+    """How ``compare --framework solo`` asks solo-learn's registry for a backbone (it takes no module)."""
+
+    name: str  # solo-learn's ``backbone.name``
+    cifar_stem: bool  # its small-image ResNet stem, which solo-learn picks by dataset name
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone name: how to build it, and which commands and frameworks offer it."""
+
+    #: in_chans -> the module
+    build: Callable[[int], nn.Module]
+    #: ``compare --backbone`` (lightly's models) accepts the name
+    compare: bool = True
+    #: the image size ``step --backbones`` times it at; None: step does not offer it
+    step_image_size: Optional[int] = None
+    #: ``compare --framework solo`` builds solo-learn's own; None: solo-learn has no such backbone
+    solo: Optional[SoloBackbone] = None
+
+
+#: Backbone name -> how to build it and who offers it. ``step``'s names are those of its
+#: committed tables: ``resnet18-cifar`` is compare's ``resnet18``, ``resnet50`` compare's
+#: ``timm:resnet50``.
+BACKBONES: Dict[str, Backbone] = {
+    "small-cnn": Backbone(small_cnn, step_image_size=8),  # step: for smoke tests and dry runs
+    "fashion-cnn": Backbone(fashion_cnn),
+    "resnet18": Backbone(resnet18_cifar, solo=SoloBackbone("resnet18", cifar_stem=True)),
+    "resnet18-imagenet-stem": Backbone(resnet18_imagenet_stem, solo=SoloBackbone("resnet18", cifar_stem=False)),
+    "resnet18-cifar": Backbone(resnet18_cifar, compare=False, step_image_size=32),
+    "resnet50": Backbone(partial(timm_backbone, "resnet50"), compare=False, step_image_size=224),
 }
+
+
+def backbone_names(offered_by: str) -> Tuple[str, ...]:
+    """The names ``offered_by`` accepts, in table order: ``"compare"`` (lightly's models),
+    ``"solo"`` (``compare --framework solo``) or ``"step"``."""
+    offers: Dict[str, Callable[[Backbone], bool]] = {
+        "compare": lambda entry: entry.compare,
+        "solo": lambda entry: entry.solo is not None,
+        "step": lambda entry: entry.step_image_size is not None,
+    }
+    return tuple(name for name, entry in BACKBONES.items() if offers[offered_by](entry))
 
 
 @torch.no_grad()
@@ -99,7 +139,7 @@ def build_backbone(name: str, in_chans: int, image_size: int) -> Tuple[nn.Module
     if name.startswith("timm:"):
         backbone = timm_backbone(name[len("timm:"):], in_chans)
     elif name in BACKBONES:
-        backbone = BACKBONES[name](in_chans)
+        backbone = BACKBONES[name].build(in_chans)
     else:
-        raise ValueError(f"--backbone must be one of {sorted(BACKBONES)} or 'timm:<model name>', got {name!r}")
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)} or 'timm:<model name>'")
     return backbone, feature_dim(backbone, in_chans, image_size)

@@ -63,7 +63,7 @@ class CompareConfig:
             raise ValueError(f"--framework {self.framework} builds --method {' or '.join(framework.methods)}, "
                              f"got {self.method!r}")
         for spec in self.predictors or ():
-            check_predictor(spec)
+            check_predictor(spec, "compare")
         if len(set(self.predictors or ())) != len(self.predictors or ()):
             raise ValueError(f"--predictors names a predictor twice: {self.predictors}")
         inexpressible = [p for p in self.predictors or () if not framework.expresses(parse_predictor_spec(p)[0])]
@@ -72,7 +72,10 @@ class CompareConfig:
                 f"--framework {self.framework} cannot build predictor(s) {inexpressible}; "
                 f"it supports {list(framework.predictors)}"
             )
-        if self.backbone is not None and framework.backbones is not None and self.backbone not in framework.backbones:
+        if self.backbone is not None and not framework.builds_backbone(self.backbone):
+            if framework.timm:
+                raise ValueError(f"--backbone must be one of {sorted(framework.backbones)} or 'timm:<model name>', "
+                                 f"got {self.backbone!r}")
             raise ValueError(
                 f"--framework {self.framework} builds --backbone {' or '.join(framework.backbones)}, "
                 f"got {self.backbone!r}"

@@ -1,12 +1,11 @@
 """Datasets for ``directpred-bench compare``: two augmented views for training, clean images for probes.
 
-Registry :data:`DATASETS` maps a name to a factory returning a :class:`Dataset`.
-
+The table :data:`DATASETS` maps a name to a factory returning a :class:`Dataset`.
 ``digits`` (scikit-learn's bundled 8x8 handwritten digits) and ``fashion-mnist`` (28x28,
 read from its IDX files: the Debian package ``dataset-fashion-mnist`` or a torchvision
-download) work offline and are augmented batch-wise on the training device; ``cifar10`` and ``stl10`` come from torchvision and
-use lightly's ``BYOLTransform`` per sample in DataLoader workers, as lightly's own
-examples do.
+download) work offline and are augmented batch-wise on the training device; ``cifar10``
+and ``stl10`` come from torchvision and use lightly's ``BYOLTransform`` per sample in
+DataLoader workers, as lightly's own examples do.
 """
 
 from __future__ import annotations
@@ -137,8 +136,8 @@ class GreyAugment:
 class InMemoryData:
     """Images held as one tensor per split, augmented batch-wise (see :class:`GreyAugment`).
 
-    Subclasses set ``self.images`` / ``self.labels`` (``{"train": ..., "test": ...}``, images
-    in [0, 1]) and call :meth:`_finish`.
+    Subclasses set ``image_size`` and ``defaults`` (and ``num_classes`` if not 10) and hand
+    their images to :meth:`set_images`.
     """
 
     channels = 1
@@ -148,7 +147,10 @@ class InMemoryData:
     images: Dict[str, Tensor]
     labels: Dict[str, Tensor]
 
-    def _finish(self, **augment: object) -> None:
+    def set_images(self, images: Dict[str, Tensor], labels: Dict[str, Tensor], **augment: object) -> None:
+        """``images``/``labels``: ``{"train": ..., "test": ...}``, images ``(N, 1, H, W)`` in [0, 1];
+        ``augment``: :class:`GreyAugment`'s options."""
+        self.images, self.labels = images, labels
         self.mean, self.std = float(self.images["train"].mean()), float(self.images["train"].std())
         self.augment = GreyAugment(self.mean, self.std, **augment)  # type: ignore[arg-type]
 
@@ -194,9 +196,8 @@ class DigitsData(InMemoryData):
             torch.arange(len(labels)).numpy(), test_size=test_fraction, stratify=labels.numpy(), random_state=0
         )
         train_idx = train_idx[:subset]
-        self.images = {"train": images[train_idx], "test": images[test_idx]}
-        self.labels = {"train": labels[train_idx], "test": labels[test_idx]}
-        self._finish()
+        self.set_images({"train": images[train_idx], "test": images[test_idx]},
+                        {"train": labels[train_idx], "test": labels[test_idx]})
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -275,11 +276,11 @@ class FashionMNISTData(InMemoryData):
                  test_subset: Optional[int] = None, **_: object) -> None:
         files = find_fashion_mnist(data_dir)
         limits = {"train": subset, "test": test_subset}
-        self.images, self.labels = {}, {}
-        for split, limit in limits.items():
-            self.images[split] = read_idx(files[split, "images"])[:limit].unsqueeze(1).float() / 255.0
-            self.labels[split] = read_idx(files[split, "labels"])[:limit].long()
-        self._finish(max_rotation_deg=15.0, scale=(0.8, 1.2), max_shift_px=3.0, flip_prob=0.5, erase_px=8)
+        images = {split: read_idx(files[split, "images"])[:limit].unsqueeze(1).float() / 255.0
+                  for split, limit in limits.items()}
+        labels = {split: read_idx(files[split, "labels"])[:limit].long() for split, limit in limits.items()}
+        self.set_images(images, labels, max_rotation_deg=15.0, scale=(0.8, 1.2), max_shift_px=3.0, flip_prob=0.5,
+                        erase_px=8)
 
 
 # ---------------------------------------------------------------------- torchvision

@@ -1,4 +1,5 @@
-"""Everything a GPU session should run, in one command and one folder.
+"""Everything a GPU session should run, in one command and one folder: a checkout's CUDA tests,
+in-process checks and the timing commands, each part under its own time limit.
 
 What it measures and how is the command's description, ``directpred-bench gpu-report --help``
 (``_directpred_bench.GPU_REPORT_DESCRIPTION``, written there so that ``--help`` needs no torch).
@@ -21,8 +22,20 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+#: The checkout's tests that have CUDA cases, relative to its root.
 CUDA_TEST_FILES = ["tests/test_head.py", "tests/test_variants_matmul.py", "tests/test_steps.py",
                    "tests/test_refresh.py", "tests/test_sync.py"]
+
+
+def is_checkout(folder: Path) -> bool:
+    """Whether ``folder`` is the root of a checkout: ``pyproject.toml`` beside the CUDA tests."""
+    return (folder / "pyproject.toml").is_file() and all((folder / name).is_file() for name in CUDA_TEST_FILES)
+
+
+def find_checkout(start: Path) -> Optional[Path]:
+    """The checkout ``start`` lies in (itself or the nearest folder above it), else None."""
+    start = start.resolve()
+    return next((folder for folder in (start, *start.parents) if is_checkout(folder)), None)
 
 
 @dataclass
@@ -30,6 +43,7 @@ class Part:
     name: str
     limit_s: float
     command: Optional[List[str]] = None  # a subprocess, or None for an in-process check
+    cwd: Optional[Path] = None  # the subprocess's folder (None: the current one)
     check: Optional[Callable[[Path], Dict[str, Any]]] = None
     status: str = "not run"
     seconds: float = 0.0
@@ -40,16 +54,17 @@ def _bench(*args: str) -> List[str]:
     return [sys.executable, "-m", "directpred_plugin.benchmarks.cli", *args]
 
 
-def plan(out: Path, dry_run: bool) -> List[Part]:
-    """The parts of the report, with their limits (GPU) or tiny sizes (dry run)."""
+def plan(out: Path, dry_run: bool, checkout: Optional[Path] = None) -> List[Part]:
+    """The parts of the report, with their limits (GPU) or tiny sizes (dry run); the tests part
+    runs in ``checkout``, where ``python -m pytest`` imports the checkout's package."""
     tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-             f"--junitxml={out / 'tests.xml'}", *CUDA_TEST_FILES]
+             f"--junitxml={out.resolve() / 'tests.xml'}", *CUDA_TEST_FILES]
     if dry_run:
         tiny_step = ["--device", "cpu", "--backbones", "small-cnn", "--byol-dim", "16", "--simsiam-dim", "32",
                      "--hidden", "32", "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "1",
                      "--threads", "1", "--no-progress"]
         return [
-            Part("tests", 300, tests),
+            Part("tests", 300, tests, cwd=checkout),
             Part("checks", 120, check=lambda folder: checks("cpu", folder, dry_run=True)),
             Part("speed", 120, _bench("speed", "--device", "cpu", "--dims", "16", "--batch-size", "8", "--calls", "2",
                                       "--rounds", "1", "--threads", "1", "--no-progress", "--predictors", "byol-mlp",
@@ -61,7 +76,7 @@ def plan(out: Path, dry_run: bool) -> List[Part]:
                                               "directpred:freq=5", "--out", str(out / "step-resnet50"))),
         ]
     return [
-        Part("tests", 130, tests),
+        Part("tests", 130, tests, cwd=checkout),
         Part("checks", 40, check=lambda folder: checks("cuda", folder, dry_run=False)),
         Part("speed", 50, _bench("speed", "--device", "cuda", "--dims", "256", "2048", "--batch-size", "256",
                                  "--calls", "50", "--rounds", "5", "--no-progress", "--predictors", "byol-mlp",
@@ -168,7 +183,7 @@ def run_part(part: Part, out: Path) -> None:
     start = time.perf_counter()
     try:
         if part.command is not None:
-            done = subprocess.run(part.command, capture_output=True, text=True, timeout=part.limit_s)
+            done = subprocess.run(part.command, capture_output=True, text=True, timeout=part.limit_s, cwd=part.cwd)
             (out / f"{part.name}.log").write_text(done.stdout + done.stderr)
             part.status = "passed" if done.returncode == 0 else f"failed (exit {done.returncode})"
             part.details["tail"] = (done.stdout + done.stderr).strip().splitlines()[-3:]
@@ -206,13 +221,20 @@ def write_report(out: Path, env: Dict[str, Any], command: str, parts: List[Part]
 def run(args: argparse.Namespace) -> List[Part]:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu-report needs CUDA (torch.cuda.is_available() is False); --dry-run runs the plan on the CPU")
-    if not Path(CUDA_TEST_FILES[0]).exists():
-        raise SystemExit("gpu-report runs the repository's tests: run it from the root of a checkout")
+    wanted = args.only or [part.name for part in plan(args.out, args.dry_run)]
+    checkout = None
+    if "tests" in wanted:
+        checkout = args.repo or find_checkout(Path.cwd())
+        if checkout is None or not is_checkout(checkout):
+            where = f"--repo {checkout}" if checkout is not None else f"{Path.cwd()} or above it"
+            raise SystemExit(f"gpu-report runs a checkout's CUDA tests ({CUDA_TEST_FILES[0]} and the others beside "
+                             f"pyproject.toml), found none at {where}: run it inside a checkout, give --repo, or "
+                             "leave the tests out with --only")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["directpred-bench", *getattr(args, "argv", ["gpu-report"])])
     env = environment(args.dry_run)
-    parts = [p for p in plan(out, args.dry_run) if args.only is None or p.name in args.only]
+    parts = [p for p in plan(out, args.dry_run, checkout) if p.name in wanted]
     for part in parts:
         print(f"[gpu-report] {part.name} (limit {part.limit_s:.0f} s) ...", flush=True)
         run_part(part, out)

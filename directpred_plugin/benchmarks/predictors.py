@@ -1,11 +1,10 @@
-"""The predictors the benchmarks compare: the closed-form family beside the baselines, one option syntax.
+"""The predictors every benchmark command names, in one table, with one option syntax.
 
-A predictor is named on the command line as ``name`` or ``name:key=value,...``
-(``directpred:eps=0.1,freq=5``); values are Python literals (``0.1``, ``5``, ``True``,
-``None``) or, for string options such as ``refresh=iterative``, a bare word. The
-closed-form names are those of :data:`directpred_plugin.VARIANTS` (``DirectPredHead(dim,
-variant=name, **options)``); the baselines they are compared with (the method's MLP, a linear
-map trained by gradient, no predictor) are defined here.
+:data:`PREDICTOR_SPECS` holds the closed-form family (the names of
+:data:`directpred_plugin.VARIANTS`, built as ``DirectPredHead(dim, variant=name, **options)``)
+and the baselines it is compared with, each entry saying which commands accept it; a
+predictor is named ``name`` or ``name:key=value,...`` (``directpred:eps=0.1,freq=5``), values
+Python literals (``0.1``, ``5``, ``True``, ``None``) or bare words (``refresh=iterative``).
 """
 
 from __future__ import annotations
@@ -22,10 +21,11 @@ from directpred_plugin import VARIANTS, DirectPredHead
 
 @dataclass(frozen=True)
 class PredictorSpec:
-    """How to build one predictor for projections of width ``dim``.
+    """How to build one predictor for projections of width ``dim``, and which commands offer it.
 
     ``build(dim, hidden, method, **options)``: ``hidden`` is the MLP's hidden width and
-    ``method`` (``"byol"`` or ``"simsiam"``) picks lightly's head class for the MLP.
+    ``method`` (``"byol"`` or ``"simsiam"``) picks lightly's head class for the MLP; a
+    predictor that needs neither ignores them.
     """
 
     build: Callable[..., nn.Module]
@@ -35,6 +35,8 @@ class PredictorSpec:
     #: options -> the ``method_kwargs`` that select this predictor in a solo-learn config (read
     #: by ``directpred_plugin.solo``); None when solo-learn's config cannot express it.
     solo_kwargs: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+    #: The commands whose ``--predictors`` accept the name.
+    commands: Tuple[str, ...] = ("compare", "step")
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -78,22 +80,56 @@ def _linear(dim: int, hidden: Optional[int] = None, method: str = "byol", **opti
     return nn.Linear(dim, dim, bias=False, **options)
 
 
-def _identity(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+def _no_options(name: str, options: Dict[str, Any]) -> None:
     if options:
-        raise ValueError(f"the 'none' predictor takes no options, got {sorted(options)}")
+        raise ValueError(f"the {name!r} predictor takes no options, got {sorted(options)}")
+
+
+def _identity(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    _no_options("none", options)
     return nn.Identity()
 
 
-#: Predictor name -> how the benchmarks build it; ``--predictors`` accepts every name here.
+def _byol_mlp(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    _no_options("byol-mlp", options)
+    return mlp_predictor(dim, 4096)
+
+
+def _simsiam_mlp(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    _no_options("simsiam-mlp", options)
+    return mlp_predictor(dim, method="simsiam")
+
+
+def _floor(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+    _no_options("floor", options)
+    return DirectPredHead(dim, freq=2**62)
+
+
+#: ``speed`` times the head against the MLPs at their papers' widths, whatever the method's
+#: configuration; a training has no use for them (nor for a head that never refreshes).
+SPEED_ONLY = ("speed",)
+
+#: Predictor name -> how the benchmarks build it and which commands' ``--predictors`` accept it.
 PREDICTOR_SPECS: Dict[str, PredictorSpec] = {
     "mlp": PredictorSpec(mlp_predictor, "the method's MLP (Linear-BN-ReLU-Linear), trained by SGD",
                          solo_kwargs=lambda options: {"predictor": "mlp"}),  # solo-learn's own MLP
     **{name: PredictorSpec(_closed_form(name), f"DirectPredHead(variant={name!r}): {variant.summary}", _weight,
-                           _solo_directpred(name))
+                           _solo_directpred(name), commands=("compare", "step", "speed"))
        for name, variant in VARIANTS.items()},
     "linear": PredictorSpec(_linear, "nn.Linear(dim, dim, bias=False), trained by the optimizer", _weight),
     "none": PredictorSpec(_identity, "nn.Identity(): no predictor (collapses in BYOL/SimSiam)"),
+    "byol-mlp": PredictorSpec(_byol_mlp, "BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU "
+                              "(lightly's head)", commands=SPEED_ONLY),
+    "simsiam-mlp": PredictorSpec(_simsiam_mlp, "SimSiam's bottleneck predictor: dim -> dim/4 -> dim with "
+                                 "BatchNorm and ReLU (lightly's head)", commands=SPEED_ONLY),
+    "floor": PredictorSpec(_floor, "the head's unavoidable cost: statistics, output and backward, no refresh "
+                           "in the run", commands=SPEED_ONLY),
 }
+
+
+def predictor_names(command: str) -> Tuple[str, ...]:
+    """The names ``command``'s ``--predictors`` accepts, in table order."""
+    return tuple(name for name, spec in PREDICTOR_SPECS.items() if command in spec.commands)
 
 
 def parse_option_value(key: str, text: str) -> Any:
@@ -129,7 +165,7 @@ def predictor_spec(spec: str) -> PredictorSpec:
     return PREDICTOR_SPECS[name]
 
 
-def build_predictor(spec: str, dim: int, hidden: int, method: str = "byol", **options: Any) -> nn.Module:
+def build_predictor(spec: str, dim: int, hidden: Optional[int], method: str = "byol", **options: Any) -> nn.Module:
     """The predictor ``spec`` (``name`` or ``name:key=value,...``; ``options`` add to or override
     the spec's) for projections of width ``dim``."""
     name, spec_options = parse_predictor_spec(spec)
@@ -143,11 +179,15 @@ def solo_method_kwargs(spec: str) -> Optional[Dict[str, Any]]:
     return None if entry.solo_kwargs is None else entry.solo_kwargs(options)
 
 
-def check_predictor(spec: str) -> None:
-    """Fail on a bad name or option before any training: a closed-form name's options are checked
-    without building a head, a baseline is built once at a tiny width."""
+def check_predictor(spec: str, command: str) -> None:
+    """Fail on a bad name or option before any training or timing: a closed-form name's options
+    are checked without building a head, a baseline is built once at a tiny width."""
     name, options = parse_predictor_spec(spec)
-    entry = predictor_spec(spec)
+    accepted = list(predictor_names(command))
+    if name not in accepted:
+        known = "unknown predictor" if name not in PREDICTOR_SPECS else f"{command} does not take predictor"
+        raise ValueError(f"{known} {name!r} (in {spec!r}); expected one of {accepted}")
+    entry = PREDICTOR_SPECS[name]
     try:
         if name in VARIANTS:
             DirectPredHead.check_options(8, variant=name, **options)

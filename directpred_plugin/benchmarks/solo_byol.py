@@ -10,10 +10,11 @@ variant=name)``, the spec's options under
 solo-learn's config has no linear or identity predictor, so ``linear`` and ``none`` are
 refused rather than patched in behind solo-learn's back.
 
-Backbones come from solo-learn's registry by name (``cfg.backbone.name``; it has no
-setting for a custom module): ``resnet18`` is its ResNet-18 with the small-image stem
-solo-learn uses for CIFAR, ``resnet18-imagenet-stem`` the unmodified one. One-channel
-images (digits) are repeated to three channels, as loading a grayscale image as RGB does.
+Backbones come from solo-learn's registry by name (``cfg.backbone.name``, the ``solo`` of a
+``backbones.BACKBONES`` entry; it has no setting for a custom module): ``resnet18`` is its
+ResNet-18 with the small-image stem solo-learn uses for CIFAR, ``resnet18-imagenet-stem``
+the unmodified one. One-channel images (digits) are repeated to three channels, as loading
+a grayscale image as RGB does.
 
 The compare loop drives the module's own pieces rather than a Lightning ``Trainer``, so
 that both frameworks train under one loop (same SGD, learning-rate and EMA schedules,
@@ -30,19 +31,14 @@ cosine: the same ``--lr`` takes 4x larger SGD steps here.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .backbones import BACKBONES, backbone_names
 from .methods import MethodConfig
 from .predictors import PREDICTOR_SPECS, solo_method_kwargs
-
-#: compare ``--backbone`` name -> (solo-learn ``backbone.name``, use its CIFAR stem).
-SOLO_BACKBONES: Dict[str, Tuple[str, bool]] = {
-    "resnet18": ("resnet18", True),
-    "resnet18-imagenet-stem": ("resnet18", False),
-}
 
 
 def require_solo() -> None:
@@ -68,9 +64,10 @@ def solo_config(cfg: MethodConfig) -> Any:
     if solo_kwargs is None:
         supported = [name for name, spec in PREDICTOR_SPECS.items() if spec.solo_kwargs is not None]
         raise ValueError(f"solo-learn cannot build predictor {cfg.predictor!r}; it supports {supported}")
-    if cfg.backbone not in SOLO_BACKBONES:
-        raise ValueError(f"solo-learn builds --backbone {' or '.join(SOLO_BACKBONES)}, got {cfg.backbone!r}")
-    name, cifar_stem = SOLO_BACKBONES[cfg.backbone]
+    solo_backbone = BACKBONES[cfg.backbone].solo if cfg.backbone in BACKBONES else None
+    if solo_backbone is None:
+        raise ValueError(f"solo-learn builds --backbone {' or '.join(backbone_names('solo'))}, got {cfg.backbone!r}")
+    name, cifar_stem = solo_backbone
     method_kwargs = {
         "proj_hidden_dim": cfg.hidden_dim,
         "proj_output_dim": cfg.proj_dim,

@@ -13,38 +13,16 @@ import sys
 import weakref
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from directpred_plugin import VARIANTS, DirectPredHead
 
-from .predictors import mlp_predictor, parse_predictor_spec
+from .predictors import build_predictor, check_predictor, parse_predictor_spec
 from .threads import torch_threads
 from .timing import Column, interleaved_medians, markdown_table, optional, seconds_per_item
-
-
-def byol_mlp(dim: int) -> nn.Module:
-    """BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU (lightly's head)."""
-    return mlp_predictor(dim, 4096)
-
-
-def simsiam_mlp(dim: int) -> nn.Module:
-    """SimSiam's bottleneck predictor: dim -> dim/4 -> dim with BatchNorm and ReLU (lightly's head)."""
-    return mlp_predictor(dim, method="simsiam")
-
-
-def floor_head(dim: int) -> nn.Module:
-    """The head's unavoidable cost: statistics, output and backward, no refresh in the run."""
-    return DirectPredHead(dim, freq=2**62)
-
-
-BASELINES: Dict[str, Callable[[int], nn.Module]] = {
-    "byol-mlp": byol_mlp,
-    "simsiam-mlp": simsiam_mlp,
-    "floor": floor_head,
-}
 
 
 def _imported_class(spec: str) -> Optional[Callable[..., nn.Module]]:
@@ -68,18 +46,9 @@ def _imported_class(spec: str) -> Optional[Callable[..., nn.Module]]:
     return cls
 
 
-def parse_head_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
-    """``"directcopy:freq=5"`` -> ``("directcopy", {"freq": 5})``: a closed-form name and its options.
-
-    The same ``name:key=value,...`` syntax as ``compare --predictors`` (values are Python
-    literals or bare words), the name one of :data:`directpred_plugin.VARIANTS`, built as
-    ``DirectPredHead(dim, variant=name, **options)`` with that name's defaults.
-    """
-    name, options = parse_predictor_spec(spec)
-    if name not in VARIANTS:
-        raise ValueError(f"--predictors {spec!r}: expected {', '.join(BASELINES)} or a closed-form predictor "
-                         f"({', '.join(VARIANTS)}) with options, e.g. directpred:eps=0.05,freq=5")
-    return name, options
+def _closed_form(spec: str) -> bool:
+    """Whether ``spec`` names one of the family (whose refreshes the table counts and checks)."""
+    return parse_predictor_spec(spec)[0] in VARIANTS
 
 
 @dataclass
@@ -99,14 +68,11 @@ class SpeedRow:
 
 def _build(name: str, dim: int, device: torch.device) -> nn.Module:
     imported = _imported_class(name)
-    if name in BASELINES:
-        module = BASELINES[name](dim)
-    elif imported is not None:
+    if imported is not None:
         module = imported(dim, **parse_predictor_spec(name)[1])
     else:
-        head_name, options = parse_head_spec(name)
-        # the name's defaults and calls_per_update: each timed call ends with its own backward
-        module = DirectPredHead(dim, variant=head_name, **options)
+        # a head with its name's defaults and calls_per_update: each timed call ends with its own backward
+        module = build_predictor(name, dim, None)
     return module.to(device).train()
 
 
@@ -198,7 +164,7 @@ def measure(
             if "simsiam-mlp" in medians:
                 row.ratio_to_simsiam_mlp = medians[name] / medians["simsiam-mlp"]
             module = modules[name]
-            if isinstance(module, DirectPredHead) and name not in BASELINES and _imported_class(name) is None:
+            if isinstance(module, DirectPredHead) and _closed_form(name):
                 row.refreshes = int(module.num_updates) // module.freq
                 if errors and module.refresh_strategy != "exact":
                     # the same calls in the same order as the timed run, so the same F_hat
@@ -240,8 +206,8 @@ def run(args: argparse.Namespace) -> List[SpeedRow]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     for spec in args.predictors:
-        if spec not in BASELINES and _imported_class(spec) is None:
-            parse_head_spec(spec)  # bad names and values fail before any timing
+        if _imported_class(spec) is None:
+            check_predictor(spec, "speed")  # bad names and values fail before any timing
     with torch_threads(args.threads):
         rows = measure(args.predictors, args.dims, batch=args.batch_size, calls=args.calls,
                        rounds=args.rounds, device=args.device, errors=args.errors, progress=not args.no_progress)

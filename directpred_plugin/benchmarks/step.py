@@ -18,17 +18,11 @@ from torch import Tensor
 
 from directpred_plugin import DirectPredHead
 
+from .backbones import BACKBONES
 from .methods import LightlyBYOL, LightlySimSiam, Method, MethodConfig
 from .predictors import check_predictor
 from .threads import torch_threads
 from .timing import Column, interleaved_medians, machine_line, markdown_table, optional, seconds_per_item, synchronize
-
-#: ``--backbones`` name -> (``backbones.build_backbone`` name, image size).
-STEP_BACKBONES: Dict[str, Tuple[str, int]] = {
-    "resnet18-cifar": ("resnet18", 32),
-    "resnet50": ("timm:resnet50", 224),
-    "small-cnn": ("small-cnn", 8),  # for smoke tests and dry runs
-}
 
 #: ``--methods`` name -> (model class, projection width, projector hidden width).
 METHODS: Dict[str, Tuple[Callable[[MethodConfig], Method], int, int]] = {
@@ -74,12 +68,17 @@ class _Config:
         return self.backbone, self.method, self.mode
 
 
+def image_size(backbone: str) -> int:
+    size = BACKBONES[backbone].step_image_size
+    assert size is not None, f"step does not offer backbone {backbone!r}"
+    return size
+
+
 def build_model(backbone: str, method: str, predictor: str, *, dim: Optional[int] = None,
                 hidden: Optional[int] = None) -> Method:
-    """The lightly model of ``method`` with ``predictor`` on ``backbone`` (a :data:`STEP_BACKBONES` name)."""
-    name, size = STEP_BACKBONES[backbone]
+    """The lightly model of ``method`` with ``predictor`` on ``backbone`` (a name step offers)."""
     cls, default_dim, default_hidden = METHODS[method]
-    cfg = MethodConfig(backbone=name, in_chans=3, image_size=size, num_classes=10,
+    cfg = MethodConfig(backbone=backbone, in_chans=3, image_size=image_size(backbone), num_classes=10,
                        proj_dim=dim or default_dim, hidden_dim=hidden or default_hidden, predictor=predictor)
     return cls(cfg)
 
@@ -158,7 +157,7 @@ def measure(
     gen = torch.Generator().manual_seed(seed)
     inputs: Dict[str, List[Tuple[Tensor, Tensor]]] = {}
     for backbone in backbones:
-        size = STEP_BACKBONES[backbone][1]
+        size = image_size(backbone)
         inputs[backbone] = [
             (torch.randn(batch, 3, size, size, generator=gen).to(dev),
              torch.randn(batch, 3, size, size, generator=gen).to(dev)) for _ in range(steps)
@@ -188,7 +187,7 @@ def measure(
             refreshes = int(head.num_updates) // head.freq
             rejections = int(head.refresh_rejections)
         rows.append(StepRow(
-            backbone=c.backbone, image_size=STEP_BACKBONES[c.backbone][1], method=c.method,
+            backbone=c.backbone, image_size=image_size(c.backbone), method=c.method,
             dim=int(dims.get(c.method) or METHODS[c.method][1]), predictor=c.predictor, mode=c.mode,
             amp="none" if amp is None else str(amp).replace("torch.", ""), batch=batch, device=str(dev),
             ms_per_step=medians[index] * 1e3,
@@ -229,7 +228,7 @@ def profile_step(backbone: str, method: str, predictor: str, *, batch: int, devi
     model = build_model(backbone, method, predictor, dim=dims.get(method), hidden=hidden.get(method)).to(dev).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     config = _Config(backbone, method, predictor, "eager", model, _training_loss(model), optimizer)
-    size = STEP_BACKBONES[backbone][1]
+    size = image_size(backbone)
     x0, x1 = (torch.randn(batch, 3, size, size, device=dev) for _ in range(2))
     for _ in range(3):
         _one_step(config, x0, x1, amp, dev)
@@ -247,7 +246,7 @@ def run(args: argparse.Namespace) -> List[StepRow]:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     for spec in args.predictors:
-        check_predictor(spec)  # bad names and options fail before any model is built
+        check_predictor(spec, "step")  # bad names and options fail before any model is built
     backbones = args.backbones or (["resnet18-cifar", "resnet50"] if cuda else ["resnet18-cifar"])
     amp_name = args.amp or ("bf16" if cuda else "none")
     amp = torch.bfloat16 if amp_name == "bf16" else None

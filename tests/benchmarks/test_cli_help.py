@@ -178,20 +178,22 @@ def test_the_command_line_states_the_codes_values():
     """The values _directpred_bench writes out (it cannot import them) are those of the benchmark code."""
     from dataclasses import asdict
 
-    from directpred_plugin.benchmarks import gpu_report, speed, step, theory
-    from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS
+    from directpred_plugin import VARIANTS
+    from directpred_plugin.benchmarks import gpu_report, linear_model, step, theory
+    from directpred_plugin.benchmarks.backbones import backbone_names
+    from directpred_plugin.benchmarks.predictors import predictor_names
 
     import _directpred_bench as bench
 
-    assert bench.COMPARE_PREDICTORS == tuple(PREDICTOR_SPECS)
+    assert bench.COMPARE_PREDICTORS == predictor_names("compare") == predictor_names("step")
     assert bench.COMPARE_DEFAULT_PREDICTORS == {name: f.default_predictors for name, f in FRAMEWORKS.items()}
-    assert bench.SPEED_BASELINES == tuple(speed.BASELINES)
+    assert bench.SPEED_BASELINES == tuple(name for name in predictor_names("speed") if name not in VARIANTS)
     assert bench.THEORY_SCENARIOS == tuple(theory.SCENARIOS)
-    setting = asdict(theory.LinearSetting())
+    setting = asdict(linear_model.LinearSetting())
     assert bench.THEORY_SETTING == {key: setting[key] for key in bench.THEORY_SETTING}
     assert bench.THEORY_SWEEP_WEIGHT_DECAY == theory.DEFAULT_SWEEP_WEIGHT_DECAY
     assert bench.THEORY_SWEEP_EMA_RATE == theory.DEFAULT_SWEEP_EMA_RATE
-    assert bench.STEP_BACKBONES == tuple(step.STEP_BACKBONES) and bench.STEP_METHODS == tuple(step.METHODS)
+    assert bench.STEP_BACKBONES == backbone_names("step") and bench.STEP_METHODS == tuple(step.METHODS)
     assert bench.STEP_PREDICTORS == step.DEFAULT_PREDICTORS
     for dry_run in (False, True):
         assert bench.GPU_REPORT_PARTS == tuple(part.name for part in gpu_report.plan(Path("out"), dry_run))

@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
 from directpred_plugin.benchmarks import cli, compare
-from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS as PREDICTORS
+from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS, predictor_names
 from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA, gain_over_untrained
 from directpred_plugin.benchmarks.training import build_method
 from directpred_plugin.benchmarks.data import DigitsData, build_dataset
@@ -92,7 +92,7 @@ def test_every_predictor_builds_and_runs_a_step():
     cfg = compare.CompareConfig(proj_dim=8, hidden_dim=16, batch_size=16, epochs=1).resolve(data.defaults)
     gen = torch.Generator().manual_seed(0)
     x0, x1 = next(data.views(16, gen, torch.device("cpu")))
-    for name, spec in PREDICTORS.items():
+    for name in predictor_names("compare"):
         method = build_method(cfg, data, name, seed=0)
         optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
         for _ in range(2):
@@ -106,7 +106,7 @@ def test_every_predictor_builds_and_runs_a_step():
             # the optimizer stepped: the paper's per-iteration rule
             assert method.predictor.calls_per_update == "auto" and int(method.predictor.num_updates) == 2
             assert method.predictor.steps.calls == 0
-        assert (spec.matrix is None) == (name in ("mlp", "none")), name
+        assert (PREDICTOR_SPECS[name].matrix is None) == (name in ("mlp", "none")), name
 
 
 def test_same_seed_gives_every_predictor_the_same_start():
@@ -140,6 +140,13 @@ def test_bad_input_is_named():
         compare.compare(compare.CompareConfig(epochs=0))
     with pytest.raises(ValueError, match="--backbone must be one of"):
         compare.compare(compare.CompareConfig(backbone="resnet19", epochs=1, progress=False))
+    # step's and speed's names are refused before any data is loaded
+    with pytest.raises(ValueError, match=r"--backbone must be one of \['fashion-cnn', 'resnet18', "
+                                         r"'resnet18-imagenet-stem', 'small-cnn'\] or 'timm:<model name>', "
+                                         r"got 'resnet18-cifar'"):
+        compare.CompareConfig(backbone="resnet18-cifar").validate()
+    with pytest.raises(ValueError, match="compare does not take predictor 'floor'"):
+        compare.CompareConfig(predictors=["floor"]).validate()
 
 
 def test_missing_torchvision_data_says_how_to_get_it(tmp_path):
@@ -266,12 +273,12 @@ def test_a_closed_form_predictor_is_checked_without_building_a_head(monkeypatch)
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(predictors, "DirectPredHead", Counting)
-    predictors.check_predictor("ns:freq=2")
+    predictors.check_predictor("ns:freq=2", "compare")
     assert built == []
     with pytest.raises(ValueError, match="rho must be a number in"):
-        predictors.check_predictor("directpred:rho=2")
+        predictors.check_predictor("directpred:rho=2", "compare")
     with pytest.raises(ValueError, match=r"'directpred:epsilon=0.1'.*unexpected keyword argument 'epsilon'"):
-        predictors.check_predictor("directpred:epsilon=0.1")
+        predictors.check_predictor("directpred:epsilon=0.1", "compare")
     assert predictors.build_predictor("ns:freq=2", 8, 8).freq == 2 and len(built) == 1
 
 

@@ -8,13 +8,12 @@ import torch
 
 from directpred_plugin.benchmarks.cli import main
 
-pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # spawns the plan's processes: CI runs it, the fast tier does not
 def test_dry_run_runs_every_part_and_writes_one_report(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the report runs the checkout's tests
+    monkeypatch.chdir(ROOT / "docs")  # the tests part runs the checkout that holds the current folder
     out = tmp_path / "report"
     assert main(["gpu-report", "--dry-run", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -32,19 +31,20 @@ def test_dry_run_runs_every_part_and_writes_one_report(tmp_path, monkeypatch):
     assert "passed" in (out / "tests.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
     from directpred_plugin.benchmarks import gpu_report
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)  # outside a checkout: the plan has no tests part
     original = gpu_report.plan
 
-    def broken(out, dry_run):
-        parts = [p for p in original(out, dry_run) if p.name in ("checks", "speed")]
+    def broken(*args):
+        parts = [p for p in original(*args) if p.name in ("checks", "speed")]
         parts[0].check = lambda folder: 1 / 0
         return parts
 
     monkeypatch.setattr(gpu_report, "plan", broken)
-    main(["gpu-report", "--dry-run", "--out", str(tmp_path)])
+    main(["gpu-report", "--dry-run", "--out", str(tmp_path), "--only", "checks", "speed"])
     parts = {p["name"]: p["status"] for p in json.loads((tmp_path / "report.json").read_text())["parts"]}
     assert parts == {"checks": "error", "speed": "passed"}
 
@@ -53,6 +53,19 @@ def test_without_cuda_only_the_dry_run_is_allowed(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--dry-run"):
         main(["gpu-report", "--out", str(tmp_path)])
+
+
+def test_outside_a_checkout_the_tests_part_is_refused_in_one_line(tmp_path, monkeypatch):
+    from directpred_plugin.benchmarks.gpu_report import find_checkout
+
+    assert find_checkout(ROOT / "tests" / "benchmarks") == ROOT and find_checkout(tmp_path) is None
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"CUDA tests .* found none at .* or above it: run it inside a checkout, "
+                                         r"give --repo, or leave the tests out with --only$") as refused:
+        main(["gpu-report", "--dry-run", "--out", str(tmp_path / "report")])
+    assert "\n" not in str(refused.value) and not (tmp_path / "report").exists()
+    with pytest.raises(SystemExit, match=f"found none at --repo {tmp_path}"):
+        main(["gpu-report", "--dry-run", "--repo", str(tmp_path), "--out", str(tmp_path / "report")])
 
 
 def test_the_gpu_plan_fits_a_ten_minute_device_limit():

@@ -65,9 +65,6 @@ def test_cuda_request_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_speed_options_are_python_literals(tmp_path):
-    assert speed.parse_head_spec("directpred:eps=0.05,freq=5,refresh=exact") == (
-        "directpred", {"eps": 0.05, "freq": 5, "refresh": "exact"})
-    assert speed.parse_head_spec("directpred-hybrid") == ("directpred-hybrid", {})
     argv = ["speed", "--dims", "8", "--batch-size", "8", "--calls", "2", "--rounds", "1", "--no-errors",
             "--no-progress", "--predictors", "directpred:eps=0.05", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -75,8 +72,15 @@ def test_speed_options_are_python_literals(tmp_path):
     assert row["predictor"] == "directpred:eps=0.05" and row["ms_per_call"] > 0
     with pytest.raises(ValueError, match="eps='0.05x'"):
         main(["speed", "--predictors", "directpred:eps=0.05x"])
-    with pytest.raises(ValueError, match=r"closed-form predictor \(directpred, directpred-hybrid, directcopy, .*visser\)"):
+    with pytest.raises(ValueError, match=r"unknown predictor 'directpredd' .*\['directpred', .*'visser', 'byol-mlp', "
+                                         r"'simsiam-mlp', 'floor'\]"):
         main(["speed", "--predictors", "directpredd"])
+    with pytest.raises(ValueError, match=r"speed does not take predictor 'mlp'"):
+        main(["speed", "--predictors", "mlp"])  # the method's MLP: speed times the papers' widths
+    with pytest.raises(ValueError, match=r"'floor' predictor takes no options"):
+        main(["speed", "--predictors", "floor:freq=5"])
+    with pytest.raises(ValueError, match=r"refresh"):
+        main(["speed", "--predictors", "directpred:refresh=sometimes"])  # checked before any timing
 
 
 def test_any_module_class_is_timed_by_import_path(tmp_path):
