@@ -187,6 +187,8 @@ def simulate(setting: LinearSetting, predictor: str, *, stop_gradient: bool = Tr
     norms = np.array(curves["norm"])  # (records, runs)
     steps = np.array(curves["step"])
     late = steps >= steps[-1] * 0.75
+    if late.sum() < 2 and len(steps) >= 2:  # a line needs two points: a short run fits its last two records
+        late[-2:] = True
     with np.errstate(divide="ignore"):
         log_norms = np.log(np.maximum(norms[late], 1e-30))
     late_rate = np.polyfit(steps[late] / 1000.0, log_norms, 1)[0]  # per run
