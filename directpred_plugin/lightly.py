@@ -19,7 +19,7 @@ from torch import nn
 
 from .head import DirectPredHead
 from .replacing import replaced_width
-from .variants import VARIANTS
+from .variants import member_options
 
 #: How to get the ``lightly`` extra; the package is not on PyPI yet.
 INSTALL_HINT = (
@@ -166,11 +166,7 @@ def replace_prediction_heads(
         >>> [(r.name, r.new.dim) for r in replaced]
         [('prediction_head', 256)]
     """
-    if predictor not in VARIANTS:
-        raise ValueError(f"predictor must be one of {list(VARIANTS)}, got {predictor!r}")
-    if options.get("variant", predictor) != predictor:
-        raise ValueError(f"predictor={predictor!r} names the variant; got variant={options['variant']!r} as well")
-    options = {**options, "variant": predictor}
+    options = member_options(predictor, options)
     if head_types is None:
         types = lightly_prediction_head_types()
     elif isinstance(head_types, type):

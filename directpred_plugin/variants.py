@@ -35,6 +35,7 @@ __all__ = [
     "Variant",
     "RuleOptions",
     "variant_defaults",
+    "member_options",
     "directpred_weight",
     "directcopy_weight",
     "directset_from_eigh",
@@ -352,6 +353,21 @@ VARIANTS: Dict[str, Variant] = {
 def variant_defaults(variant: str) -> Dict[str, Any]:
     """The head options ``variant`` stands for (``rho``, ``eps``, ``freq``, ``trainable``)."""
     return {**HEAD_DEFAULTS, **VARIANTS[variant].defaults}
+
+
+def member_options(name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """``options`` for the member an adapter names ``name``, with ``variant=name``.
+
+    The name picks the variant and its defaults: a ``variant`` naming another member would be
+    that member with this name's defaults, a head no name stands for, so it is refused.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"predictor must be one of {list(VARIANTS)}, got {name!r}")
+    variant = options.get("variant", name)
+    if variant != name:
+        raise ValueError(f"predictor {name!r} is variant {name!r}, got variant={variant!r}; "
+                         f"name the member instead (one of {list(VARIANTS)})")
+    return {**options, "variant": name}
 
 
 def directpred_weight(corr: Tensor, eps: float) -> Tensor:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from directpred_plugin import VARIANTS, DirectPredHead
+from directpred_plugin.variants import member_options
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ def _solo_directpred(name: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
     def solo_kwargs(options: Dict[str, Any]) -> Dict[str, Any]:
         # The same name in solo-learn's config, with only the options the spec gives: the
         # adapter applies the name's defaults, and pools the views of a step ("auto") as here.
-        if options.get("variant", name) != name:
-            raise ValueError(f"predictor {name!r} is variant {name!r}, got variant={options['variant']!r}")
-        return {"predictor": name, "directpred": {k: v for k, v in options.items() if k != "variant"}}
+        given = member_options(name, options)
+        del given["variant"]  # the name says it
+        return {"predictor": name, "directpred": given}
 
     return solo_kwargs
 

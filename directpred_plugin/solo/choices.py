@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from ..variants import VARIANTS
+from ..variants import VARIANTS, member_options
 
 __all__ = ["MLP", "predictor_choices", "closed_form", "resolve_member", "resolved_options"]
 
@@ -35,17 +35,14 @@ def resolve_member(predictor: str, options: Mapping[str, Any]) -> Tuple[str, Dic
 
     Raises ``ValueError`` when ``variant`` names another member than ``predictor`` does.
     """
-    options = dict(options)
-    if "variant" in options:
-        variant = options.pop("variant")
-        # `predictor: directpred` with `variant: ns` names the member as `predictor: ns` does,
-        # with that member's defaults (configs written before every member was a choice).
-        if predictor == "directpred" and closed_form(variant):
-            predictor = variant
-        elif variant != predictor:
-            raise ValueError(f"predictor {predictor!r} is variant {predictor!r}, got variant={variant!r}; "
-                             f"name the member instead (one of {list(VARIANTS)})")
-    return predictor, options
+    variant = options.get("variant")
+    # `predictor: directpred` with `variant: ns` names the member as `predictor: ns` does,
+    # with that member's defaults (configs written before every member was a choice).
+    if predictor == "directpred" and isinstance(variant, str) and closed_form(variant):
+        predictor = variant
+    given = member_options(predictor, options)
+    del given["variant"]  # the member's name says it
+    return predictor, given
 
 
 def resolved_options(predictor: str, options: Mapping[str, Any]) -> Dict[str, Any]:
