@@ -145,7 +145,7 @@ method_kwargs.predictor, trained in the same loop.
 #: compare's --predictors names (benchmarks.predictors.predictor_names("compare"))
 COMPARE_PREDICTORS = ("mlp", "directpred", "directpred-hybrid", "directcopy", "directset", "ns", "ns2", "stiefel",
                       "visser", "linear", "none")
-#: framework -> what compare runs without --predictors (benchmarks.frameworks.FRAMEWORKS)
+#: framework -> what compare runs without --predictors (solo: those of lightly's it can build, checked by a test)
 COMPARE_DEFAULT_PREDICTORS = {
     "lightly": ("mlp", "linear", "directpred", "directpred-hybrid", "directcopy", "none"),
     "solo": ("mlp", "directpred", "directpred-hybrid", "directcopy"),
@@ -259,7 +259,7 @@ THEORY_SCENARIOS = ("no-predictor", "no-stop-gradient", "gradient-predictor", "d
 #: option -> default, those of benchmarks.linear_model.LinearSetting
 THEORY_SETTING = {"dim": 8, "batch": 128, "steps": 2500, "lr": 0.2, "weight_decay": 0.005, "ema_rate": 0.02,
                   "noise": 0.25, "runs": 3, "seed": 0}
-#: benchmarks.theory.DEFAULT_SWEEP_WEIGHT_DECAY and DEFAULT_SWEEP_EMA_RATE
+#: what the weight-decay x EMA sweep of benchmarks.theory covers by default
 THEORY_SWEEP_WEIGHT_DECAY = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
 THEORY_SWEEP_EMA_RATE = [0.005, 0.02, 0.1, 1.0]
 
@@ -305,7 +305,7 @@ what was resident when a block started (activations, gradients, temporaries), un
 autocast unless --amp none.
 """
 
-#: benchmarks.backbones.backbone_names("step"); benchmarks.step.METHODS and DEFAULT_PREDICTORS
+#: benchmarks.backbones.backbone_names("step"), benchmarks.step.METHODS; what step times by default
 STEP_BACKBONES = ("small-cnn", "resnet18-cifar", "resnet50")
 STEP_METHODS = ("byol", "simsiam")
 STEP_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
@@ -339,45 +339,6 @@ def step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for step.json and step.md (default: none, the table is only printed)")
-
-
-# ----------------------------------------------------------------------------- gpu-report
-GPU_REPORT_DESCRIPTION = """\
-Everything a GPU session should run, in one command and one folder.
-
-1. the CUDA-parametrised tests of a checkout (pytest -k cuda in its tests/), among them the
-   steady-state check under torch.cuda.set_sync_debug_mode("error") and the CPU sync counter;
-2. checks: a ResNet-18 BYOL step with the default head under set_sync_debug_mode("error")
-   after warm-up (no host wait may happen), and the iterative refresh's acceptance under
-   torch.set_float32_matmul_precision("high") on SSL-like spectra at the widths of BYOL and
-   SimSiam;
-3. directpred-bench speed (per-call cost of the head) and directpred-bench step (whole
-   training step; ResNet-18 eager and compiled, ResNet-50 eager, bf16 autocast).
-
-Each part runs with its own time limit, as its own process where it can, and whatever
-finished is written to --out with report.md (device, torch version, the command, each
-part's status and time). The limits add up to 7 min 50 s.
-
-The tests run in the checkout that holds the current folder (the nearest folder at or above
-it with pyproject.toml and the tests), or in --repo, and import that checkout's package;
-from an installed copy outside a checkout, --only without tests runs the other parts. --dry-run runs the same plan on
-the CPU with tiny sizes (the test suite does, so the plan cannot rot); no CUDA-only part
-runs then, and the report says so.
-"""
-
-#: the parts of benchmarks.gpu_report.plan
-GPU_REPORT_PARTS = ("tests", "checks", "speed", "step-resnet18", "step-resnet50")
-
-
-def gpu_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("gpu-report"), help="folder for everything")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="the same plan on the CPU with tiny sizes, without the CUDA-only parts")
-    parser.add_argument("--only", nargs="+", default=None, metavar="PART",
-                        help=f"run only these parts: {', '.join(GPU_REPORT_PARTS)} (default: all)")
-    parser.add_argument("--repo", type=Path, default=None,
-                        help="the checkout whose tests the tests part runs (default: the one holding the current "
-                             "folder)")
 
 
 # ----------------------------------------------------------------------------- health-plot
@@ -424,8 +385,6 @@ COMMANDS: Dict[str, Command] = {
     "theory": Command("directpred_plugin.benchmarks.theory", THEORY_DESCRIPTION, theory_arguments,
                       ("matplotlib", "tqdm")),
     "step": Command("directpred_plugin.benchmarks.step", STEP_DESCRIPTION, step_arguments, ("lightly", "tqdm")),
-    "gpu-report": Command("directpred_plugin.benchmarks.gpu_report", GPU_REPORT_DESCRIPTION, gpu_report_arguments,
-                          ("lightly", "tqdm")),
     "health-plot": Command("directpred_plugin.benchmarks.health", HEALTH_DESCRIPTION, health_arguments,
                            ("matplotlib",)),
 }

@@ -142,7 +142,7 @@ def evaluate_bash(example, tmp_path_factory=None) -> None:
         if head in ("pip",) and "install" in words:
             _check_pip(words)
         elif head == "directpred-bench":
-            from directpred_plugin.benchmarks.cli import build_parser
+            from _directpred_bench import build_parser
 
             build_parser().parse_args(words[1:])  # SystemExit on an unknown option or value
             if run is not None:
@@ -150,7 +150,7 @@ def evaluate_bash(example, tmp_path_factory=None) -> None:
                 extra = ["--out", str(out / f"run{example.line}")] if words[1] in ("compare", "speed", "theory") else []
                 if words[1] == "compare":
                     extra.append("--no-progress")
-                _run([sys.executable, "-m", "directpred_plugin.benchmarks.cli", *words[1:], *run[1], *extra], out)
+                _run([sys.executable, "-m", "_directpred_bench", *words[1:], *run[1], *extra], out)
                 ran = True
         elif head == "python" and words[1:3] == ["-m", "pytest"]:
             options_with_values = ("-m", "-k", "-p")

@@ -7,6 +7,7 @@ diagnostics. State across saves and loads is in ``test_state_dict.py``; random s
 all of these against a reference model are in ``test_model.py``.
 """
 
+import contextlib
 import copy
 import pickle
 import warnings
@@ -874,22 +875,27 @@ def test_auto_grouping_under_torch_compile_matches_eager():
 # ------------------------------------------------------------------ steady state on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_steady_state_training_never_waits_for_the_device(compiled):
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_cuda_steady_state_training_never_waits_for_the_device(compiled, amp):
     """After warm-up, BYOL steps with the iterative refresh (the exact one's eigh waits for
-    the device) make no host-device synchronisation: any would raise in this mode."""
+    the device) make no host-device synchronisation, under bf16 autocast too: any would
+    raise in this mode."""
     torch.manual_seed(0)
     model = TinySimSiam(DirectPredHead(DIM, refresh="iterative", calls_per_update="auto")).cuda()
     step_fn = torch.compile(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     inputs = [views(step, "cuda") for step in range(10)]  # copied to the device before the checked steps
+    autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp else contextlib.nullcontext
     warm_up = 3  # compilation, pinned host buffers, the first lagged counter exchange
     for x0, x1 in inputs[:warm_up]:
-        sgd_step(step_fn, optimizer, x0, x1)
+        with autocast():
+            sgd_step(step_fn, optimizer, x0, x1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for x0, x1 in inputs[warm_up:]:
-            sgd_step(step_fn, optimizer, x0, x1)
+            with autocast():
+                sgd_step(step_fn, optimizer, x0, x1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

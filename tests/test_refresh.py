@@ -655,6 +655,26 @@ def test_unpinned_tf32_products_make_the_certificate_refuse_directpred(emulated_
     assert emulated_tf32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dim", [256, 2048])  # BYOL's and SimSiam's projection widths
+def test_cuda_pinned_precision_accepts_ssl_spectra_under_real_tf32(dim):
+    """The emulation's claim on the hardware it emulates: with the user's TF32 setting on,
+    the refresh still accepts power-law spectra at the widths users train, and leaves the
+    setting as it found it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        for seed in range(3):
+            stats = normalise_statistics(matrix_with_spectrum("power-law", dim, seed).float().cuda())
+            weight, ok = IterativeRefresh(dim)(stats, VARIANTS["directpred"], RuleOptions(eps=0.01))
+            assert bool(ok), f"seed {seed} refused"
+            error = relative_error(weight.cpu(), reference_weight(stats.cpu(), "directpred", 0.01))
+            assert error <= TOL + rounding_slack(torch.float32, dim, POWERS["directpred"])
+            assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @pytest.mark.parametrize("user", ["high", "medium", "highest"])
 def test_precision_is_restored_after_a_refresh_and_after_an_exception(user):
     from directpred_plugin.refresh import highest_matmul_precision

@@ -25,7 +25,7 @@ from .config import CompareConfig
 from .predictors import parse_predictor_spec, predictor_spec
 from .report import SCHEMA, summarize, terminal_summary, write_outputs
 from .timing import machine_description
-from .cli import progress_bar
+from .runtime import progress_bar
 from .training import Job, load_data, run_job
 
 __all__ = ["CompareConfig", "SCHEMA", "compare", "config_from_args", "run"]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sized, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sized, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -214,27 +215,17 @@ FASHION_MNIST_INSTALL = (
 )
 
 
-def fashion_mnist_folders(data_dir: Optional[Path]) -> List[Path]:
-    """Folders searched for the IDX files, in order: ``data_dir`` itself and its torchvision
-    layout (``FashionMNIST/raw``), then the Debian package's folder."""
-    folders = [] if data_dir is None else [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
-    return folders + [DEBIAN_FASHION_MNIST]
-
-
-def _idx_file(folder: Path, stem: str) -> Optional[Path]:
-    for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
 def find_fashion_mnist(data_dir: Optional[Path]) -> Dict[Tuple[str, str], Path]:
-    """The four IDX files (gzipped or not) from the first folder that has all of them."""
-    for folder in fashion_mnist_folders(data_dir):
-        files = {key: _idx_file(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
+    """The four IDX files (gzipped or not) from the first folder that has all of them: ``data_dir``
+    itself, its torchvision layout (``FashionMNIST/raw``), then the Debian package's folder."""
+    folders = [] if data_dir is None else [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
+    folders.append(DEBIAN_FASHION_MNIST)
+    for folder in folders:
+        files = {key: next((folder / name for name in (stem + ".gz", stem) if (folder / name).is_file()), None)
+                 for key, stem in FASHION_MNIST_FILES.items()}
         if all(files.values()):
             return files  # type: ignore[return-value]
-    searched = ", ".join(str(f) for f in fashion_mnist_folders(data_dir))
+    searched = ", ".join(str(f) for f in folders)
     raise FileNotFoundError(f"Fashion-MNIST's IDX files were not found (searched {searched}). {FASHION_MNIST_INSTALL}")
 
 
@@ -365,13 +356,6 @@ class TorchvisionData:
             yield x.to(device, non_blocking=True), y
 
 
-def _torchvision(spec: TorchvisionSpec) -> Callable[..., TorchvisionData]:
-    def build(**options: object) -> TorchvisionData:
-        return TorchvisionData(spec, **options)  # type: ignore[arg-type]
-
-    return build
-
-
 CIFAR10 = TorchvisionSpec(
     dataset_class="CIFAR10", image_size=32, ssl_split=None, gaussian_blur=0.0,
     defaults=DatasetDefaults(backbone="resnet18", epochs=200, batch_size=256, proj_dim=256, hidden_dim=4096),
@@ -386,8 +370,8 @@ STL10 = TorchvisionSpec(
 DATASETS: Dict[str, DatasetFactory] = {
     "digits": DigitsData,
     "fashion-mnist": FashionMNISTData,
-    "cifar10": _torchvision(CIFAR10),
-    "stl10": _torchvision(STL10),
+    "cifar10": partial(TorchvisionData, CIFAR10),
+    "stl10": partial(TorchvisionData, STL10),
 }
 
 

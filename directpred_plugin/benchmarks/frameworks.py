@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
 
+from _directpred_bench import COMPARE_DEFAULT_PREDICTORS
+
 from .backbones import backbone_names
 from .methods import LightlyBYOL, LightlySimSiam, Method, MethodConfig
 from .predictors import PREDICTOR_SPECS, predictor_names
 from .solo_byol import SoloBYOL, require_solo
 
 
-#: ``compare``'s predictors when ``--predictors`` is not given, in table order; the rest of
-#: the family (directset, ns, ns2, stiefel, visser) is run by naming it.
-DEFAULT_PREDICTORS = ("mlp", "linear", "directpred", "directpred-hybrid", "directcopy", "none")
+#: ``compare``'s predictors when ``--predictors`` is not given (the command line owns the list);
+#: the rest of the family (directset, ns, ns2, stiefel, visser) is run by naming it.
+DEFAULT_PREDICTORS = COMPARE_DEFAULT_PREDICTORS["lightly"]
 
 
 def _solo_expressible(name: str) -> bool:

@@ -51,9 +51,9 @@ def read_health(path: Path) -> Dict[str, Dict[str, Curve]]:
 def plot_health(runs: Sequence[Tuple[str, Dict[str, Dict[str, Curve]]]], path: Path,
                 title: Optional[str] = None) -> None:
     """One panel per diagnostic of :data:`PANELS`, one line per (run, head)."""
-    from .plots import _pyplot
+    from .plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.6 * len(PANELS), 3.6))
     for ax, (key, axis_title) in zip(axes, PANELS.items()):
         for label, heads in runs:

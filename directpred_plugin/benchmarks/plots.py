@@ -1,6 +1,6 @@
 """PNG plots of ``compare`` results (matplotlib, Agg backend: no display needed).
 
-Each ``*_figure`` function builds the figure, each ``plot_*`` saves it. The figures use
+Each ``*_figure`` function builds a figure, :func:`save` writes it. The figures use
 matplotlib's constrained layout with their legends outside the axes, so that a legend never
 hides data and the layout makes room for every label and legend.
 """
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 import numpy as np
 
+from .report import METHOD_TITLES
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -20,7 +22,8 @@ if TYPE_CHECKING:
 FEW_POINTS = 12
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,9 +36,9 @@ def _predictors(results: Dict[str, Any]) -> List[str]:
     return [row["predictor"] for row in results["summary"]]
 
 
-def _save(fig: "Figure", path: Path) -> None:
+def save(fig: "Figure", path: Path) -> None:
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _seeds(results: Dict[str, Any]) -> str:
@@ -69,7 +72,7 @@ def _marker(points: Sequence[Any]) -> Any:
 
 def accuracy_figure(results: Dict[str, Any]) -> "Figure":
     """kNN and linear-probe top-1 per predictor: mean +- std over seeds, dots = individual seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     names = _predictors(results)
@@ -105,7 +108,7 @@ def curves_figure(results: Dict[str, Any]) -> "Figure":
 
     Line = mean over seeds, shaded band = min..max over seeds.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
     keys = ("loss", "collapse", "effective_rank")
     last_epoch = 1
@@ -142,7 +145,7 @@ def probes_figure(results: Dict[str, Any]) -> "Figure":
     """Probe top-1 on the test images vs epoch per predictor: line = mean over seeds, band = min..max,
     dashed line = the untrained backbone (mean over seeds). kNN; linear too when it was fitted
     at more than the final epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     runs = [r for r in results["runs"] if r.get("probes")]
     keys = [("knn_top1", "kNN top-1")]
     if results["config"].get("probe_linear"):
@@ -173,20 +176,8 @@ def probes_figure(results: Dict[str, Any]) -> "Figure":
     return fig
 
 
-def plot_accuracy(results: Dict[str, Any], path: Path) -> None:
-    _save(accuracy_figure(results), path)
-
-
-def plot_curves(results: Dict[str, Any], path: Path) -> None:
-    _save(curves_figure(results), path)
-
-
-def plot_probes(results: Dict[str, Any], path: Path) -> None:
-    _save(probes_figure(results), path)
-
-
 def _title(results: Dict[str, Any]) -> str:
     cfg = results["config"]
-    method = {"byol": "BYOL", "simsiam": "SimSiam"}.get(cfg.get("method", "byol"), cfg.get("method"))
+    method = METHOD_TITLES.get(cfg.get("method", "byol"), cfg.get("method"))
     epochs = cfg["epochs"]
     return f"{method} on {cfg['dataset']} ({cfg['backbone']}, {epochs} epoch{'s' if epochs != 1 else ''})"

@@ -81,29 +81,13 @@ def _linear(dim: int, hidden: Optional[int] = None, method: str = "byol", **opti
     return nn.Linear(dim, dim, bias=False, **options)
 
 
-def _no_options(name: str, options: Dict[str, Any]) -> None:
-    if options:
-        raise ValueError(f"the {name!r} predictor takes no options, got {sorted(options)}")
+def _without_options(name: str, make: Callable[[int], nn.Module]) -> Callable[..., nn.Module]:
+    def build(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
+        if options:
+            raise ValueError(f"the {name!r} predictor takes no options, got {sorted(options)}")
+        return make(dim)
 
-
-def _identity(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
-    _no_options("none", options)
-    return nn.Identity()
-
-
-def _byol_mlp(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
-    _no_options("byol-mlp", options)
-    return mlp_predictor(dim, 4096)
-
-
-def _simsiam_mlp(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
-    _no_options("simsiam-mlp", options)
-    return mlp_predictor(dim, method="simsiam")
-
-
-def _floor(dim: int, hidden: Optional[int] = None, method: str = "byol", **options: Any) -> nn.Module:
-    _no_options("floor", options)
-    return DirectPredHead(dim, freq=2**62)
+    return build
 
 
 #: ``speed`` times the head against the MLPs at their papers' widths, whatever the method's
@@ -118,13 +102,17 @@ PREDICTOR_SPECS: Dict[str, PredictorSpec] = {
                            _solo_directpred(name), commands=("compare", "step", "speed"))
        for name, variant in VARIANTS.items()},
     "linear": PredictorSpec(_linear, "nn.Linear(dim, dim, bias=False), trained by the optimizer", _weight),
-    "none": PredictorSpec(_identity, "nn.Identity(): no predictor (collapses in BYOL/SimSiam)"),
-    "byol-mlp": PredictorSpec(_byol_mlp, "BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU "
-                              "(lightly's head)", commands=SPEED_ONLY),
-    "simsiam-mlp": PredictorSpec(_simsiam_mlp, "SimSiam's bottleneck predictor: dim -> dim/4 -> dim with "
-                                 "BatchNorm and ReLU (lightly's head)", commands=SPEED_ONLY),
-    "floor": PredictorSpec(_floor, "the head's unavoidable cost: statistics, output and backward, no refresh "
-                           "in the run", commands=SPEED_ONLY),
+    "none": PredictorSpec(_without_options("none", lambda dim: nn.Identity()),
+                          "nn.Identity(): no predictor (collapses in BYOL/SimSiam)"),
+    "byol-mlp": PredictorSpec(_without_options("byol-mlp", lambda dim: mlp_predictor(dim, 4096)),
+                              "BYOL's predictor: dim -> 4096 -> dim with BatchNorm and ReLU (lightly's head)",
+                              commands=SPEED_ONLY),
+    "simsiam-mlp": PredictorSpec(_without_options("simsiam-mlp", lambda dim: mlp_predictor(dim, method="simsiam")),
+                                 "SimSiam's bottleneck predictor: dim -> dim/4 -> dim with BatchNorm and ReLU "
+                                 "(lightly's head)", commands=SPEED_ONLY),
+    "floor": PredictorSpec(_without_options("floor", lambda dim: DirectPredHead(dim, freq=2**62)),
+                           "the head's unavoidable cost: statistics, output and backward, no refresh in the run",
+                           commands=SPEED_ONLY),
 }
 
 

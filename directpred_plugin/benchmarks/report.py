@@ -25,9 +25,7 @@ def summarize(runs: Sequence[Dict[str, Any]], predictors: Sequence[str]) -> List
             continue
         row: Dict[str, Any] = {"predictor": name, "seeds": len(mine), "predictor_params": mine[0]["predictor_params"]}
         for key in metrics:
-            values = [r[key] for r in mine if r[key] is not None and math.isfinite(r[key])]
-            row[f"{key}_mean"] = float(np.mean(values)) if values else None
-            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            row[f"{key}_mean"], row[f"{key}_std"] = _spread([r[key] for r in mine])
         rows.append(row)
     return rows
 
@@ -46,11 +44,8 @@ def gain_over_untrained(results: Dict[str, Any], predictor: str, key: str) -> Tu
     paired difference is the fairer comparison.
     """
     base = {b["seed"]: b[key] for b in results.get("untrained") or ()}
-    gains = [r[key] - base[r["seed"]] for r in results["runs"]
-             if r["predictor"] == predictor and r["seed"] in base and r[key] is not None]
-    if not gains:
-        return None, None
-    return float(np.mean(gains)), (float(np.std(gains, ddof=1)) if len(gains) > 1 else None)
+    return _spread([r[key] - base[r["seed"]] for r in results["runs"]
+                    if r["predictor"] == predictor and r["seed"] in base and r[key] is not None])
 
 
 def _fmt(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 1,
@@ -162,7 +157,8 @@ def terminal_summary(results: Dict[str, Any]) -> str:
 
 
 def _spread(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
-    values = [v for v in values if v is not None]
+    """Mean and sample std of the finite values (std None for fewer than two; both None for none)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
@@ -203,7 +199,7 @@ METHOD_TITLES = {"byol": "BYOL", "simsiam": "SimSiam"}
 
 def write_outputs(results: Dict[str, Any], out: Path, plots: bool = True) -> None:
     """Write the run folder; ``plots=False`` skips the PNGs (the partial saves after each run)."""
-    from .plots import plot_accuracy, plot_curves, plot_probes
+    from .plots import accuracy_figure, curves_figure, probes_figure, save
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -215,9 +211,9 @@ def write_outputs(results: Dict[str, Any], out: Path, plots: bool = True) -> Non
     (out / "results.md").write_text(markdown_table(results))
     if not plots or not results["runs"]:
         return
-    plot_accuracy(results, out / "accuracy.png")
-    plot_curves(results, out / "curves.png")
+    save(accuracy_figure(results), out / "accuracy.png")
+    save(curves_figure(results), out / "curves.png")
     if any(r.get("probes") for r in results["runs"]):
-        plot_probes(results, out / "probes.png")
+        save(probes_figure(results), out / "probes.png")
 
 

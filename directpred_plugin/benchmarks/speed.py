@@ -21,7 +21,7 @@ from torch import nn
 from directpred_plugin import VARIANTS, DirectPredHead
 
 from .predictors import build_predictor, check_predictor, parse_predictor_spec
-from .threads import torch_threads
+from .runtime import torch_threads
 from .timing import Column, interleaved_medians, markdown_table, optional, seconds_per_item
 
 
@@ -130,7 +130,7 @@ def measure(
     progress: bool = True,
 ) -> List[SpeedRow]:
     """Median over ``rounds`` of the mean per-call time of blocks of ``calls // rounds`` calls."""
-    from .cli import progress_bar
+    from .runtime import progress_bar
 
     dev = torch.device(device)
     torch.manual_seed(seed)

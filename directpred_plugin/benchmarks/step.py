@@ -16,12 +16,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from _directpred_bench import STEP_PREDICTORS
 from directpred_plugin import DirectPredHead
 
 from .backbones import BACKBONES
 from .methods import LightlyBYOL, LightlySimSiam, Method, MethodConfig
 from .predictors import check_predictor
-from .threads import torch_threads
+from .runtime import torch_threads
 from .timing import Column, interleaved_medians, machine_line, markdown_table, optional, seconds_per_item, synchronize
 
 #: ``--methods`` name -> (model class, projection width, projector hidden width).
@@ -30,7 +31,6 @@ METHODS: Dict[str, Tuple[Callable[[MethodConfig], Method], int, int]] = {
     "simsiam": (LightlySimSiam.from_config, 2048, 2048),
 }
 
-DEFAULT_PREDICTORS = ["mlp", "directpred", "directpred:freq=5", "directcopy"]
 EMA_MOMENTUM = 0.99
 
 
@@ -116,7 +116,7 @@ def measure(
     *,
     backbones: Sequence[str],
     methods: Sequence[str],
-    predictors: Sequence[str] = DEFAULT_PREDICTORS,
+    predictors: Sequence[str] = STEP_PREDICTORS,
     modes: Sequence[str] = ("eager",),
     batch: int = 32,
     rounds: int = 5,
@@ -130,7 +130,7 @@ def measure(
     progress: bool = True,
 ) -> List[StepRow]:
     """Median over ``rounds`` of the mean time of ``steps`` steps, configurations interleaved."""
-    from .cli import progress_bar
+    from .runtime import progress_bar
 
     dev = torch.device(device)
     dims, hidden = dims or {}, hidden or {}

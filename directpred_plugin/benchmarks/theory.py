@@ -18,8 +18,10 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
+from _directpred_bench import THEORY_SWEEP_EMA_RATE, THEORY_SWEEP_WEIGHT_DECAY
+
 from .linear_model import COLLAPSE_RATE, COLLAPSE_RATIO, LinearSetting, simulate
-from .threads import torch_threads
+from .runtime import progress_bar, torch_threads
 
 SCHEMA = "directpred-bench/theory/1"
 
@@ -44,15 +46,9 @@ SCENARIOS: Dict[str, Scenario] = {
     "symmetric-predictor": Scenario("d", "SGD-trained symmetric W_p", "gradient-symmetric"),
 }
 
-DEFAULT_SWEEP_WEIGHT_DECAY = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
-DEFAULT_SWEEP_EMA_RATE = [0.005, 0.02, 0.1, 1.0]
-
-
 def theory(setting: LinearSetting, scenarios: Sequence[str] = tuple(SCENARIOS),
-           sweep_weight_decay: Sequence[float] = DEFAULT_SWEEP_WEIGHT_DECAY,
-           sweep_ema_rate: Sequence[float] = DEFAULT_SWEEP_EMA_RATE, progress: bool = True) -> Dict[str, Any]:
-    from tqdm.auto import tqdm
-
+           sweep_weight_decay: Sequence[float] = THEORY_SWEEP_WEIGHT_DECAY,
+           sweep_ema_rate: Sequence[float] = THEORY_SWEEP_EMA_RATE, progress: bool = True) -> Dict[str, Any]:
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenario(s) {unknown}; expected some of {list(SCENARIOS)}")
@@ -60,7 +56,7 @@ def theory(setting: LinearSetting, scenarios: Sequence[str] = tuple(SCENARIOS),
     results: Dict[str, Any] = {"schema": SCHEMA, "created": datetime.now().isoformat(timespec="seconds"),
                                "setting": asdict(setting), "scenarios": {}}
     jobs = list(scenarios) + (["sweep"] if sweep_weight_decay and sweep_ema_rate else [])
-    for name in tqdm(jobs, desc="theory", disable=not progress, dynamic_ncols=True):
+    for name in progress_bar(jobs, desc="theory", disable=not progress):
         if name == "sweep":
             grid = [(wd, ema) for ema in sweep_ema_rate for wd in sweep_weight_decay]
             out = simulate(replace(setting), "gradient", weight_decay=[g[0] for g in grid],
@@ -134,11 +130,9 @@ def _range(values: Sequence[float], fmt: str) -> str:
 
 
 def plot(results: Dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sweep = results.get("sweep")
     fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(15 if sweep else 10, 4))
     for i, (name, r) in enumerate(results["scenarios"].items()):

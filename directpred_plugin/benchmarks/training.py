@@ -19,7 +19,7 @@ from directpred_plugin.functional import collapse_indicator
 
 from .data import Dataset
 from .methods import Method, MethodConfig
-from .cli import progress_bar
+from .runtime import progress_bar
 from .config import CompareConfig
 from .evaluation import evaluate, probe_accuracy, projection_rank
 from .frameworks import FRAMEWORKS
@@ -160,7 +160,7 @@ def untrained_baseline(cfg: CompareConfig, data: Dataset, seed: int, device: tor
 
 def run_job(cfg: CompareConfig, job: Job, position: int = 1) -> Dict[str, Any]:
     """One training (or the untrained baseline when the job's predictor is None), timed end to end."""
-    from .threads import torch_threads
+    from .runtime import torch_threads
 
     predictor, seed = job
     start = time.perf_counter()

@@ -89,7 +89,7 @@ def main() -> None:
 
     for name, title in (("lightly-byol-digits", "lightly BYOL on digits (CPU), DirectPredDiagnostics"),
                         ("solo-byol-digits", "solo-learn BYOL on digits (CPU), main_pretrain.py")):
-        run([sys.executable, "-m", "directpred_plugin.benchmarks.cli", "health-plot", HERE / f"{name}.csv",
+        run([sys.executable, "-m", "_directpred_bench", "health-plot", HERE / f"{name}.csv",
              "--title", title, "--out", HERE / f"{name}.png"], cwd=REPO)
 
 

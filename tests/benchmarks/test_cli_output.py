@@ -10,7 +10,8 @@ pytest.importorskip("sklearn", reason="the bench extra")
 
 from _synthetic_results import synthetic_results  # noqa: E402
 
-from directpred_plugin.benchmarks import cli, compare  # noqa: E402
+import _directpred_bench as cli  # noqa: E402
+from directpred_plugin.benchmarks import compare  # noqa: E402
 from directpred_plugin.benchmarks.report import markdown_table  # noqa: E402
 
 

@@ -9,7 +9,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
-from directpred_plugin.benchmarks import cli, compare
+import _directpred_bench as cli
+from directpred_plugin.benchmarks import compare
 from directpred_plugin.benchmarks.predictors import PREDICTOR_SPECS, predictor_names
 from directpred_plugin.benchmarks.report import CSV_COLUMNS, SCHEMA, gain_over_untrained
 from directpred_plugin.benchmarks.training import build_method

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("lightly")
 pytest.importorskip("sklearn")
 
-from directpred_plugin.benchmarks import cli
+import _directpred_bench as cli
 from directpred_plugin.benchmarks import data as bench_data
 from directpred_plugin.benchmarks.data import FASHION_MNIST_FILES, build_dataset, find_fashion_mnist, read_idx
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the bench extra")
 
-from directpred_plugin.benchmarks import cli  # noqa: E402
+import _directpred_bench as cli  # noqa: E402
 from directpred_plugin.benchmarks.health import read_health  # noqa: E402
 
 

@@ -34,7 +34,7 @@ def drawn(request):
     fig = FIGURES[request.param]()
     fig.canvas.draw()
     yield fig
-    plots._pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 def _legends(fig) -> list:
@@ -121,17 +121,17 @@ def test_epoch_axes_count_whole_epochs_and_few_points_show_markers():
             assert ticks and all(float(t).is_integer() for t in ticks), ticks
             assert all(line.get_marker() == "o" for line in ax.get_lines() if len(line.get_xdata()) > 0
                        and line.get_linestyle() == "-"), [line.get_marker() for line in ax.get_lines()]
-        plots._pyplot().close(fig)
+        plots.pyplot().close(fig)
     many = plots.curves_figure(synthetic_results(epochs=60))
     many.canvas.draw()
     ticks = [t for t in many.axes[0].get_xticks() if 1 <= t <= 60]
     assert 2 <= len(ticks) < 20 and all(float(t).is_integer() for t in ticks)
     assert all(line.get_marker() in (None, "None", "") for line in many.axes[0].get_lines())
-    plots._pyplot().close(many)
+    plots.pyplot().close(many)
 
 
 def test_titles_say_epoch_and_seed_in_the_singular_for_one():
     fig = plots.accuracy_figure(synthetic_results(seeds=(0,), epochs=1))
     texts = " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
     assert "1 epoch)" in texts and "1 seed" in texts and "1 seeds" not in texts and "1 epochs" not in texts
-    plots._pyplot().close(fig)
+    plots.pyplot().close(fig)

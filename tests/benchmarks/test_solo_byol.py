@@ -15,7 +15,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from directpred_plugin import DirectPredHead
-from directpred_plugin.benchmarks import cli, compare
+import _directpred_bench as cli
+from directpred_plugin.benchmarks import compare
 from directpred_plugin.benchmarks.frameworks import DEFAULT_PREDICTORS, FRAMEWORKS
 from directpred_plugin.benchmarks.predictors import solo_method_kwargs
 from directpred_plugin.benchmarks.report import SCHEMA

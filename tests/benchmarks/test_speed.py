@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from directpred_plugin.benchmarks import speed
-from directpred_plugin.benchmarks.cli import main
+from _directpred_bench import main
 import directpred_plugin.head as head_module
 import directpred_plugin.refresh as refresh
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from directpred_plugin.benchmarks.cli import main
+from _directpred_bench import main
 
 TINY = ["--backbones", "small-cnn", "--byol-dim", "16", "--simsiam-dim", "32", "--hidden", "32",
         "--batch-size", "4", "--rounds", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--no-progress"]

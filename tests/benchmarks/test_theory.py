@@ -4,7 +4,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from directpred_plugin.benchmarks import cli, theory
+import _directpred_bench as cli
+from directpred_plugin.benchmarks import theory
 from directpred_plugin.benchmarks.linear_model import LinearSetting
 
 pytestmark = pytest.mark.slow  # trains real models or spawns processes: CI runs it, the fast tier does not
