@@ -75,19 +75,10 @@ handed to the exact rule by the self-check.
 
 #: speed's --predictors names beside the family's (benchmarks.predictors.predictor_names("speed"))
 SPEED_BASELINES = ("byol-mlp", "simsiam-mlp", "floor")
-SPEED_PREDICTORS = [
-    "byol-mlp",
-    "simsiam-mlp",
-    "floor",
-    "directpred:refresh=exact",
-    "directpred:freq=5,refresh=exact",
-    "directpred:freq=10,refresh=exact",
-    "directpred:freq=5,refresh=iterative",
-    "directcopy:refresh=exact",
-    "directcopy:refresh=iterative",
-    "directcopy:freq=5,refresh=iterative",
-    "directcopy:freq=10,refresh=iterative",
-]
+SPEED_PREDICTORS = ["byol-mlp", "simsiam-mlp", "floor", "directpred:refresh=exact", "directpred:freq=5,refresh=exact",
+                    "directpred:freq=10,refresh=exact", "directpred:freq=5,refresh=iterative",
+                    "directcopy:refresh=exact", "directcopy:refresh=iterative",
+                    "directcopy:freq=5,refresh=iterative", "directcopy:freq=10,refresh=iterative"]
 
 
 def speed_arguments(parser: argparse.ArgumentParser) -> None:

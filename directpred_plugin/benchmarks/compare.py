@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -143,7 +143,7 @@ def _run_jobs(cfg: CompareConfig, jobs: List[Job], record) -> None:
                 bar.update()
             return
         # spawn: a fresh interpreter per worker, without the parent's OpenMP state or threads.
-        worker_cfg = _quiet(cfg)
+        worker_cfg = replace(cfg, progress=False)  # per-epoch bars of several processes would interleave
         with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(jobs)), mp_context=get_context("spawn")) as pool:
             pending: Dict[Future, Job] = {pool.submit(run_job, worker_cfg, job): job for job in jobs}
             try:
@@ -163,24 +163,13 @@ def _run_jobs(cfg: CompareConfig, jobs: List[Job], record) -> None:
         bar.close()
 
 
-def _quiet(cfg: CompareConfig) -> CompareConfig:
-    # Per-epoch bars from several processes would interleave on one terminal.
-    from dataclasses import replace
-
-    return replace(cfg, progress=False)
-
-
 # ----------------------------------------------------------------------------- CLI
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    return CompareConfig(
-        dataset=args.dataset, method=args.method, predictors=args.predictors and list(args.predictors),
-        seeds=list(args.seeds), framework=args.framework, backbone=args.backbone, epochs=args.epochs,
-        batch_size=args.batch_size, proj_dim=args.proj_dim, hidden_dim=args.hidden_dim, subset=args.subset,
-        test_subset=args.test_subset, lr=args.lr, weight_decay=args.weight_decay, ema_start=args.ema_start,
-        knn_k=args.knn_k, probe_epochs=args.probe_epochs and sorted(set(args.probe_epochs)),
-        probe_linear=args.probe_linear, device=args.device, data_dir=args.data_dir, download=args.download,
-        workers=args.workers, threads=args.threads, jobs=args.jobs, progress=not args.no_progress,
-    )
+    """The configuration of the options given: every :class:`CompareConfig` field the command line has."""
+    given = {f.name: getattr(args, f.name) for f in fields(CompareConfig) if hasattr(args, f.name)}
+    given.update(predictors=args.predictors and list(args.predictors), seeds=list(args.seeds),
+                 probe_epochs=args.probe_epochs and sorted(set(args.probe_epochs)), progress=not args.no_progress)
+    return CompareConfig(**given)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:

@@ -63,6 +63,7 @@ class DatasetFactory(Protocol):
 
 
 # ------------------------------------------------------------------ grey images
+@dataclass(frozen=True)
 class GreyAugment:
     """Random views of small grey images, sampled per image and applied to a whole batch at once.
 
@@ -75,31 +76,17 @@ class GreyAugment:
     cores the training itself uses.
     """
 
-    def __init__(
-        self,
-        mean: float,
-        std: float,
-        *,
-        max_rotation_deg: float = 15.0,
-        scale: Tuple[float, float] = (0.85, 1.15),
-        max_shift_px: float = 1.0,
-        flip_prob: float = 0.0,
-        contrast: Tuple[float, float] = (0.6, 1.4),
-        brightness: float = 0.2,
-        noise_std: float = 0.1,
-        erase_prob: float = 0.5,
-        erase_px: int = 3,
-    ) -> None:
-        self.mean, self.std = mean, std
-        self.max_rotation = math.radians(max_rotation_deg)
-        self.scale = scale
-        self.max_shift_px = max_shift_px
-        self.flip_prob = flip_prob
-        self.contrast = contrast
-        self.brightness = brightness
-        self.noise_std = noise_std
-        self.erase_prob = erase_prob
-        self.erase_px = erase_px
+    mean: float
+    std: float
+    max_rotation_deg: float = 15.0
+    scale: Tuple[float, float] = (0.85, 1.15)
+    max_shift_px: float = 1.0
+    flip_prob: float = 0.0
+    contrast: Tuple[float, float] = (0.6, 1.4)
+    brightness: float = 0.2
+    noise_std: float = 0.1
+    erase_prob: float = 0.5
+    erase_px: int = 3
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         n, _, h, w = images.shape
@@ -109,7 +96,8 @@ class GreyAugment:
             # Sampled on the CPU generator so that a seed gives the same views on any device.
             return (torch.rand(*shape, generator=generator) * (high - low) + low).to(device)
 
-        angle = uniform(-self.max_rotation, self.max_rotation, n)
+        max_rotation = math.radians(self.max_rotation_deg)
+        angle = uniform(-max_rotation, max_rotation, n)
         zoom = uniform(*self.scale, n)
         shift = uniform(-1.0, 1.0, n, 2) * (2.0 * self.max_shift_px / w)  # pixels -> [-1, 1] coords
         flip = torch.where(torch.rand(n, generator=generator) < self.flip_prob, -1.0, 1.0).to(device)

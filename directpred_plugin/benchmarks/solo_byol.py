@@ -1,31 +1,21 @@
 """solo-learn's BYOL for ``directpred-bench compare --framework solo``.
 
-The model is solo-learn's own ``BYOL`` LightningModule, taken from ``solo.methods.METHODS``
-after :func:`directpred_plugin.solo.register`, with a cfg built the way solo-learn's method
-tests build one. The predictor is picked the way a solo-learn user picks it, by
-``method_kwargs.predictor`` (``mlp``: solo-learn's own MLP; a closed-form name such as
-``directpred`` or ``directpred-hybrid``: the plugin's head, ``DirectPredHead(dim,
-variant=name)``, the spec's options under
-``method_kwargs.directpred``), from :attr:`~.predictors.PredictorSpec.solo_kwargs`.
-solo-learn's config has no linear or identity predictor, so ``linear`` and ``none`` are
-refused rather than patched in behind solo-learn's back.
+The model is solo-learn's own ``BYOL`` (``solo.methods.METHODS["byol"]`` after
+:func:`directpred_plugin.solo.register`) with a cfg built as solo-learn's method tests build
+one. The predictor is picked as a solo-learn user picks it, by ``method_kwargs.predictor``
+(:attr:`~.predictors.PredictorSpec.solo_kwargs`): ``mlp`` is solo-learn's MLP, a family name
+the plugin's head with the spec's options under ``method_kwargs.directpred``; its config has
+no linear or identity predictor, so ``linear`` and ``none`` are refused. Backbones come from
+solo-learn's registry (the ``solo`` of a ``backbones.BACKBONES`` entry: ``resnet18`` with its
+small-image stem, ``resnet18-imagenet-stem`` without); grey images are repeated to 3 channels.
 
-Backbones come from solo-learn's registry by name (``cfg.backbone.name``, the ``solo`` of a
-``backbones.BACKBONES`` entry; it has no setting for a custom module): ``resnet18`` is its
-ResNet-18 with the small-image stem solo-learn uses for CIFAR, ``resnet18-imagenet-stem``
-the unmodified one. One-channel images (digits) are repeated to three channels, as loading
-a grayscale image as RGB does.
-
-The compare loop drives the module's own pieces rather than a Lightning ``Trainer``, so
-that both frameworks train under one loop (same SGD, learning-rate and EMA schedules,
-data stream, timing) and the loop sees ``z`` every step for the collapse curve. A step
-is what ``BYOL.training_step`` does for two large crops, minus what needs labels or a
-Trainer (solo-learn's online linear classifier, which only sees detached features, and
-logging): ``forward`` (backbone, projector, predictor) on both views, ``momentum_forward``
-for the targets, and ``byol_loss_func`` summed over the two view pairs; the EMA is
-solo-learn's ``MomentumUpdater`` over the method's ``momentum_pairs``. That loss is
-``2 - 2 cos`` per pair, summed, so its gradient is 4x that of lightly's averaged negative
-cosine: the same ``--lr`` takes 4x larger SGD steps here.
+The compare loop drives the module's pieces rather than a Lightning ``Trainer``, so that both
+frameworks train under one loop (SGD, schedules, data, timing). A step is ``BYOL.training_step``
+for two large crops without what needs labels or a Trainer (the online classifier, which sees
+detached features only, and logging): ``forward`` on both views, ``momentum_forward`` for the
+targets, ``byol_loss_func`` summed over the two view pairs, and the EMA by solo-learn's
+``MomentumUpdater``. That loss is ``2 - 2 cos`` per pair, summed: 4x the gradient of lightly's
+averaged negative cosine, so the same ``--lr`` takes 4x larger SGD steps here.
 """
 
 from __future__ import annotations

@@ -46,11 +46,6 @@ def _imported_class(spec: str) -> Optional[Callable[..., nn.Module]]:
     return cls
 
 
-def _closed_form(spec: str) -> bool:
-    """Whether ``spec`` names one of the family (whose refreshes the table counts and checks)."""
-    return parse_predictor_spec(spec)[0] in VARIANTS
-
-
 @dataclass
 class SpeedRow:
     predictor: str
@@ -91,15 +86,6 @@ def _call(module: nn.Module, z: torch.Tensor) -> None:
 _ZERO_STEPS: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
 
 
-def _calls(module: nn.Module) -> Callable[[torch.Tensor], None]:
-    return lambda z: _call(module, z)
-
-
-def exact_weight(corr: torch.Tensor, variant: str, eps: float) -> torch.Tensor:
-    """The reference: the variant's closed form from a float64 eigendecomposition."""
-    return VARIANTS[variant](corr.detach().to(torch.float64), eps)
-
-
 def refresh_errors(spec: str, dim: int, calls: Sequence[torch.Tensor], device: torch.device) -> Tuple[List[float], int]:
     """Replay ``calls`` on a fresh head; relative error of ``W_p`` after every refresh, and fallbacks."""
     head = _build(spec, dim, device)
@@ -110,7 +96,8 @@ def refresh_errors(spec: str, dim: int, calls: Sequence[torch.Tensor], device: t
         _call(head, z)
         updates = int(head.num_updates)
         if updates != before and updates % head.freq == 0:
-            reference = exact_weight(head.effective_corr(), head.variant, head.eps)
+            # the reference: the variant's closed form from a float64 eigendecomposition
+            reference = VARIANTS[head.variant](head.effective_corr().detach().to(torch.float64), head.eps)
             error = (head.weight.detach().to(torch.float64) - reference).norm() / reference.norm()
             errors.append(float(error))
     return errors, int(head.diagnostics()["exact_refreshes"])
@@ -145,10 +132,10 @@ def measure(
             torch.randn(batch, dim, generator=gen).to(dev).requires_grad_(True) for _ in range(per_block)
         ]
         for module in modules.values():
-            seconds_per_item(_calls(module), inputs[:warmup], dev)
+            seconds_per_item(partial(_call, module), inputs[:warmup], dev)
         last = predictors[-1]
         medians = interleaved_medians(
-            {name: partial(seconds_per_item, _calls(module), inputs, dev) for name, module in modules.items()},
+            {name: partial(seconds_per_item, partial(_call, module), inputs, dev) for name, module in modules.items()},
             rounds=rounds, after_block=lambda name, _: bar.update() if name == last else None)
         for name in predictors:
             row = SpeedRow(
@@ -164,7 +151,8 @@ def measure(
             if "simsiam-mlp" in medians:
                 row.ratio_to_simsiam_mlp = medians[name] / medians["simsiam-mlp"]
             module = modules[name]
-            if isinstance(module, DirectPredHead) and _closed_form(name):
+            # the family's heads (not an imported class): their refreshes are counted and checked
+            if isinstance(module, DirectPredHead) and parse_predictor_spec(name)[0] in VARIANTS:
                 row.refreshes = int(module.num_updates) // module.freq
                 if errors and module.refresh_strategy != "exact":
                     # the same calls in the same order as the timed run, so the same F_hat

@@ -83,11 +83,19 @@ def build_model(backbone: str, method: str, predictor: str, *, dim: Optional[int
     return cls(cfg)
 
 
-def _training_loss(model: Method) -> Callable[[Tensor, Tensor], Tensor]:
+def _config(backbone: str, method: str, predictor: str, modes: Sequence[str], device: torch.device, *,
+            dims: Dict[str, int], hidden: Dict[str, int], seed: int = 0) -> List[_Config]:
+    """One model with its optimizer, and a configuration per mode (eager or compiled) that steps it."""
+    torch.manual_seed(seed)  # the same backbone and projector for every predictor
+    model = build_model(backbone, method, predictor, dim=dims.get(method), hidden=hidden.get(method)).to(device).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                                weight_decay=1e-5)
+
     def loss(x0: Tensor, x1: Tensor) -> Tensor:
         return model.training_loss(x0, x1)[0]
 
-    return loss
+    return [_Config(backbone, method, predictor, mode, model, torch.compile(loss) if mode == "compiled" else loss,
+                    optimizer) for mode in modes]
 
 
 def _one_step(config: _Config, x0: Tensor, x1: Tensor, amp: Optional[torch.dtype], device: torch.device) -> None:
@@ -141,19 +149,8 @@ def measure(
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
-    configs: List[_Config] = []
-    for backbone in backbones:
-        for method in methods:
-            for predictor in predictors:
-                torch.manual_seed(seed)  # the same backbone and projector for every predictor
-                model = build_model(backbone, method, predictor, dim=dims.get(method),
-                                    hidden=hidden.get(method)).to(dev).train()
-                optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                            lr=0.05, momentum=0.9, weight_decay=1e-5)
-                for mode in modes:
-                    loss = _training_loss(model)
-                    step = torch.compile(loss) if mode == "compiled" else loss
-                    configs.append(_Config(backbone, method, predictor, mode, model, step, optimizer))
+    configs = [config for backbone in backbones for method in methods for predictor in predictors
+               for config in _config(backbone, method, predictor, modes, dev, dims=dims, hidden=hidden, seed=seed)]
     gen = torch.Generator().manual_seed(seed)
     inputs: Dict[str, List[Tuple[Tensor, Tensor]]] = {}
     for backbone in backbones:
@@ -224,10 +221,7 @@ def profile_step(backbone: str, method: str, predictor: str, *, batch: int, devi
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device(device)
-    dims, hidden = dims or {}, hidden or {}
-    model = build_model(backbone, method, predictor, dim=dims.get(method), hidden=hidden.get(method)).to(dev).train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    config = _Config(backbone, method, predictor, "eager", model, _training_loss(model), optimizer)
+    (config,) = _config(backbone, method, predictor, ["eager"], dev, dims=dims or {}, hidden=hidden or {})
     size = image_size(backbone)
     x0, x1 = (torch.randn(batch, 3, size, size, device=dev) for _ in range(2))
     for _ in range(3):
