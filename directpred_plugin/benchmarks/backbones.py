@@ -52,23 +52,16 @@ def fashion_cnn(in_chans: int) -> nn.Module:
     )
 
 
-def resnet18_cifar(in_chans: int) -> nn.Module:
-    """torchvision ResNet-18 with the CIFAR stem (3x3 stride-1 first conv, no max-pool), 512-d features."""
+def resnet18(in_chans: int, cifar_stem: bool) -> nn.Module:
+    """torchvision ResNet-18 without its classifier (512-d features), with the CIFAR stem (3x3 stride-1
+    first conv, no max-pool) or its standard 7x7 stride-2 stem and max-pool (for 96x96 STL-10)."""
     import torchvision
 
     net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
-
-
-def resnet18_imagenet_stem(in_chans: int) -> nn.Module:
-    """torchvision ResNet-18 with its standard 7x7 stride-2 stem and max-pool (for 96x96 STL-10)."""
-    import torchvision
-
-    net = torchvision.models.resnet18()
-    if in_chans != 3:
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_chans != 3:
         net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
     net.fc = nn.Identity()
     return net
@@ -107,9 +100,10 @@ class Backbone:
 BACKBONES: Dict[str, Backbone] = {
     "small-cnn": Backbone(small_cnn, step_image_size=8),  # step: for smoke tests and dry runs
     "fashion-cnn": Backbone(fashion_cnn),
-    "resnet18": Backbone(resnet18_cifar, solo=SoloBackbone("resnet18", cifar_stem=True)),
-    "resnet18-imagenet-stem": Backbone(resnet18_imagenet_stem, solo=SoloBackbone("resnet18", cifar_stem=False)),
-    "resnet18-cifar": Backbone(resnet18_cifar, compare=False, step_image_size=32),
+    "resnet18": Backbone(partial(resnet18, cifar_stem=True), solo=SoloBackbone("resnet18", cifar_stem=True)),
+    "resnet18-imagenet-stem": Backbone(partial(resnet18, cifar_stem=False),
+                                       solo=SoloBackbone("resnet18", cifar_stem=False)),
+    "resnet18-cifar": Backbone(partial(resnet18, cifar_stem=True), compare=False, step_image_size=32),
     "resnet50": Backbone(partial(timm_backbone, "resnet50"), compare=False, step_image_size=224),
 }
 
