@@ -7,9 +7,10 @@ library only, and :func:`main` imports the chosen benchmark
 (``directpred_plugin.benchmarks.<command>``) after parsing, once the modules the command
 needs are known to be installed.
 
-Where an option's default or choices are also a value of the benchmark code (a registry's
-names, a dataclass default), the value is written here and ``tests/benchmarks/test_cli_help.py`` checks
-it against the code.
+Defaults that only the command line sets (``step``'s and ``compare``'s default predictors,
+``theory``'s sweep) are owned here and imported by the benchmarks. Where a value belongs to
+the benchmark code (a registry's names, a dataclass default), it is written here too and
+``tests/benchmarks/test_cli_help.py`` checks it against the code.
 """
 
 from __future__ import annotations

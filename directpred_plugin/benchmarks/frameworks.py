@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
-
 from _directpred_bench import COMPARE_DEFAULT_PREDICTORS
 
 from .backbones import backbone_names

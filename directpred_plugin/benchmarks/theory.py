@@ -46,6 +46,7 @@ SCENARIOS: Dict[str, Scenario] = {
     "symmetric-predictor": Scenario("d", "SGD-trained symmetric W_p", "gradient-symmetric"),
 }
 
+
 def theory(setting: LinearSetting, scenarios: Sequence[str] = tuple(SCENARIOS),
            sweep_weight_decay: Sequence[float] = THEORY_SWEEP_WEIGHT_DECAY,
            sweep_ema_rate: Sequence[float] = THEORY_SWEEP_EMA_RATE, progress: bool = True) -> Dict[str, Any]:
