@@ -59,12 +59,19 @@ class MethodConfig:
 
 
 class LightlyModel(nn.Module):
-    """Backbone + projection head + prediction head, the parts every lightly method here shares."""
+    """Backbone + projection head + prediction head and lightly's negative cosine, the parts every
+    lightly method here shares. Built from its three parts, so that the benchmarks
+    (``from_config``), the tests and the integration recipes share one definition whatever
+    backbone they use."""
 
-    criterion: nn.Module
-    backbone: nn.Module
-    projection_head: nn.Module
-    prediction_head: nn.Module
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module, prediction_head: nn.Module) -> None:
+        super().__init__()
+        from lightly.loss import NegativeCosineSimilarity
+
+        self.backbone = backbone
+        self.projection_head = projection_head
+        self.prediction_head = prediction_head
+        self.criterion = NegativeCosineSimilarity()
 
     @property
     def predictor(self) -> nn.Module:
@@ -76,29 +83,24 @@ class LightlyModel(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         return self.projection_head(self.encode(x))
 
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        z = self.project(x)
+        return self.prediction_head(z), z
+
 
 class LightlyBYOL(LightlyModel):
     """BYOL as lightly's ``examples/pytorch/byol.py`` builds it: an EMA target copy of backbone
     and projection head, ``NegativeCosineSimilarity`` between each view's prediction and the
-    other view's target.
-
-    Built from its three parts, so that the benchmarks (:meth:`from_config`), the tests and
-    the integration recipes share this one definition whatever backbone they use.
-    """
+    other view's target."""
 
     def __init__(self, backbone: nn.Module, projection_head: nn.Module, prediction_head: nn.Module) -> None:
-        super().__init__()
-        from lightly.loss import NegativeCosineSimilarity
+        super().__init__(backbone, projection_head, prediction_head)
         from lightly.models.utils import deactivate_requires_grad
 
-        self.backbone = backbone
-        self.projection_head = projection_head
-        self.prediction_head = prediction_head
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
-        self.criterion = NegativeCosineSimilarity()
 
     @classmethod
     def from_config(cls, cfg: MethodConfig) -> "LightlyBYOL":
@@ -111,10 +113,6 @@ class LightlyBYOL(LightlyModel):
         backbone, feature_dim = build_backbone(cfg.backbone, cfg.in_chans, cfg.image_size)
         projection_head = BYOLProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
         return cls(backbone, projection_head, build_predictor(cfg.predictor, cfg.proj_dim, cfg.hidden_dim, "byol"))
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        z = self.project(x)
-        return self.prediction_head(z), z
 
     @torch.no_grad()
     def forward_momentum(self, x: Tensor) -> Tensor:
@@ -139,17 +137,7 @@ class LightlyBYOL(LightlyModel):
 
 class LightlySimSiam(LightlyModel):
     """SimSiam as lightly's ``examples/pytorch/simsiam.py`` builds it: no target network,
-    stop-gradient on the projections, symmetric negative cosine; built from its three parts
-    like :class:`LightlyBYOL`."""
-
-    def __init__(self, backbone: nn.Module, projection_head: nn.Module, prediction_head: nn.Module) -> None:
-        super().__init__()
-        from lightly.loss import NegativeCosineSimilarity
-
-        self.backbone = backbone
-        self.projection_head = projection_head
-        self.prediction_head = prediction_head
-        self.criterion = NegativeCosineSimilarity()
+    stop-gradient on the projections, symmetric negative cosine."""
 
     @classmethod
     def from_config(cls, cfg: MethodConfig) -> "LightlySimSiam":
@@ -163,10 +151,6 @@ class LightlySimSiam(LightlyModel):
         projection_head = SimSiamProjectionHead(feature_dim, cfg.hidden_dim, cfg.proj_dim)
         prediction_head = build_predictor(cfg.predictor, cfg.proj_dim, max(cfg.proj_dim // 4, 1), "simsiam")
         return cls(backbone, projection_head, prediction_head)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        z = self.project(x)
-        return self.prediction_head(z), z
 
     def training_loss(self, x0: Tensor, x1: Tensor) -> Tuple[Tensor, Tensor]:
         p0, z0 = self(x0)
