@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -101,8 +101,7 @@ def markdown(results: Dict[str, Any]) -> str:
     ]
     sweep = results.get("sweep")
     if sweep:
-        wds = sorted(set(sweep["weight_decay"]))
-        emas = sorted(set(sweep["ema_rate"]))
+        wds, emas, cells = _sweep_cells(sweep)
         threshold = 1 / (4 * (1 + s["noise"]))
         lines += ["", "(e) SGD-trained W_p: ‖W‖ end / start (`C` = collapse) by weight decay eta (columns) and EMA "
                   "rate beta (rows; 1 = no EMA, the target is a copy of W). Along an eigen-direction with predictor "
@@ -110,16 +109,22 @@ def markdown(results: Dict[str, Any]) -> str:
                   f"tau = 1 that is positive for some p only if eta < 1 / (4 (1 + sigma^2)) = {threshold:.3g}.", "",
                   "| beta \\ eta | " + " | ".join(f"{w:g}" for w in wds) + " |",
                   "|---|" + "---:|" * len(wds)]
-        cells = {(w, e): (r, v) for w, e, r, v in zip(sweep["weight_decay"], sweep["ema_rate"],
-                                                     sweep["norm_ratio"], sweep["verdict"])}
         for e in emas:
-            row = []
-            for w in wds:
-                ratio, v = cells[(w, e)]
-                row.append(f"{ratio:.2g}{' C' if v == 'collapse' else ''}")
+            row = (f"{cells[w, e][0]:.2g}{' C' if cells[w, e][1] == 'collapse' else ''}" for w in wds)
             lines.append(f"| {e:g} | " + " | ".join(row) + " |")
     lines += ["", f"Total {results['seconds']} s."]
     return "\n".join(lines) + "\n"
+
+
+Cells = Dict[Tuple[float, float], Tuple[float, str]]
+
+
+def _sweep_cells(sweep: Dict[str, Any]) -> Tuple[List[float], List[float], Cells]:
+    """The sweep's weight decays and EMA rates, sorted, and ``(weight decay, EMA rate) -> (‖W‖ end / start,
+    verdict)``."""
+    cells = {(w, e): (r, v) for w, e, r, v in zip(sweep["weight_decay"], sweep["ema_rate"], sweep["norm_ratio"],
+                                                 sweep["verdict"])}
+    return sorted({w for w, _ in cells}), sorted({e for _, e in cells}), cells
 
 
 def _range(values: Sequence[float], fmt: str) -> str:
@@ -162,13 +167,10 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7, loc="lower left")
     axes[1].legend(fontsize=7, loc="lower right")
     if sweep:
-        wds = sorted(set(sweep["weight_decay"]))
-        emas = sorted(set(sweep["ema_rate"]))
-        grid = np.full((len(emas), len(wds)), np.nan)
-        for w, e, ratio in zip(sweep["weight_decay"], sweep["ema_rate"], sweep["norm_ratio"]):
-            grid[emas.index(e), wds.index(w)] = np.log10(max(ratio, 1e-12))
+        wds, emas, cells = _sweep_cells(sweep)
+        grid = np.array([[np.log10(max(cells[w, e][0], 1e-12)) for w in wds] for e in emas])
         image = axes[2].imshow(grid, cmap="viridis", aspect="auto", origin="lower", vmin=-6, vmax=1)
-        for w, e, v in zip(sweep["weight_decay"], sweep["ema_rate"], sweep["verdict"]):
+        for (w, e), (_, v) in cells.items():
             if v == "collapse":
                 axes[2].text(wds.index(w), emas.index(e), "C", ha="center", va="center", color="w")
         axes[2].set_xticks(range(len(wds)))
