@@ -1,11 +1,9 @@
 """What a head saves and loads: resume is bit-for-bit; checkpoints of another configuration or
 of an earlier development format are refused, naming why."""
 
-import collections
 import copy
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
